@@ -1,0 +1,439 @@
+"""Capture intermediate features of a model by dotted module path.
+
+Feature distillation (FitNets, attention transfer, Patient-KD, TinyBERT) compares what a student
+and a teacher compute *inside* the network. This module reads those tensors with forward hooks on
+modules named the way ``nn.Module.get_submodule`` names them (``"layer3.1.conv2"``,
+``"encoder.layer.4"``), so the models need no changes.
+
+>>> with FeatureCapture(model, ["layer2", "layer3"]) as cap:
+...     logits = model(x)
+...     feats = cap.features          # {"layer2": Tensor, "layer3": Tensor}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = [
+    "FeatureCapture",
+    "Selector",
+    "list_modules",
+    "map_layers",
+    "probe_shapes",
+    "resolve_module",
+    "select_tensor",
+]
+
+Selector = int | str | Callable[[Any], Tensor] | None
+
+_ACCEPTED = (
+    "a Tensor, a tuple/list (element 0 is taken), a dict or HuggingFace ModelOutput ('logits', "
+    "else 'last_hidden_state', else the first value), a dataclass (first non-None field) or an "
+    "object with a `.logits` attribute"
+)
+_SELECTOR_HINT = (
+    "pass a selector: an int index (selector=0), a key or attribute name "
+    "(selector='last_hidden_state'), or a callable (selector=lambda out: out.hidden_states[-1])"
+)
+
+
+# --------------------------------------------------------------------------------------------
+# module lookup
+# --------------------------------------------------------------------------------------------
+
+
+def list_modules(model: nn.Module) -> list[str]:
+    """Return the dotted path of every submodule of ``model`` (the root itself excluded)."""
+    return [name for name, _ in model.named_modules() if name]
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """Return the submodule of ``model`` at dotted ``path`` (``""`` is ``model`` itself).
+
+    Integer parts index into ``nn.Sequential`` / ``nn.ModuleList`` (``"features.3"``,
+    ``"layer3.1.conv2"``), exactly as :meth:`torch.nn.Module.get_submodule` does.
+
+    Raises:
+        ValueError: ``path`` names no module; the message lists the closest existing names.
+    """
+    if not isinstance(path, str):
+        raise TypeError(
+            f"module path must be a str like 'layer3.1.conv2', got {type(path).__name__}: {path!r}"
+        )
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        module = None
+    if isinstance(module, nn.Module):
+        return module
+    names = list_modules(model)
+    close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+    hint = f"closest: {close}" if close else "no similar names"
+    raise ValueError(
+        f"no module at path '{path}' in {type(model).__name__} ({hint}). "
+        f"Use a dotted path of submodule names; kdkit.capture.list_modules(model) lists all "
+        f"{len(names)} of them."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# picking one tensor out of a module's output
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return f"{type(output).__name__} with keys {list(output.keys())}"
+    if isinstance(output, (tuple, list)):
+        kinds = [type(v).__name__ for v in output]
+        return f"{type(output).__name__} of length {len(output)} ({kinds})"
+    if isinstance(output, Tensor):
+        return f"Tensor of shape {tuple(output.shape)}"
+    return type(output).__name__
+
+
+def _checked(result: Any, output: Any, selector: Selector) -> Tensor:
+    if not isinstance(result, Tensor):
+        raise TypeError(
+            f"selector {selector!r} picked a {type(result).__name__} out of "
+            f"{_describe(output)}, expected a Tensor; {_SELECTOR_HINT}"
+        )
+    return result
+
+
+def select_tensor(output: Any, selector: Selector = None) -> Tensor:
+    """Pick one tensor out of a module (or model) output.
+
+    ``selector`` is
+
+    * ``None``: a Tensor is returned as-is; a tuple/list gives element 0; a Mapping (dict,
+      HuggingFace ``ModelOutput``, which subclasses ``OrderedDict``) gives ``'logits'`` if present,
+      else ``'last_hidden_state'``, else its first value; an object with ``.logits`` gives that;
+      a dataclass gives its first non-None field.
+    * ``int``: index into a tuple/list (or into the values of a Mapping).
+    * ``str``: key of a Mapping, else attribute name.
+    * callable: ``selector(output)``.
+
+    Raises:
+        TypeError: the output cannot be reduced to a Tensor with this selector; the message names
+            the received type (and keys) and suggests a selector.
+    """
+    if selector is None:
+        if isinstance(output, Tensor):
+            return output
+        if isinstance(output, (tuple, list)) and len(output) > 0:
+            return _checked(output[0], output, selector)
+        if isinstance(output, Mapping) and len(output) > 0:
+            for key in ("logits", "last_hidden_state"):
+                if key in output:
+                    return _checked(output[key], output, selector)
+            return _checked(next(iter(output.values())), output, selector)
+        if isinstance(getattr(output, "logits", None), Tensor):
+            return output.logits
+        if dataclasses.is_dataclass(output) and not isinstance(output, type):
+            for field in dataclasses.fields(output):
+                value = getattr(output, field.name)
+                if value is not None:
+                    return _checked(value, output, selector)
+        raise TypeError(
+            f"cannot take a tensor from {_describe(output)}; accepted without a selector: "
+            f"{_ACCEPTED}. Otherwise {_SELECTOR_HINT}"
+        )
+
+    # bool is an int subclass, and selector=True is always a mistake
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        if isinstance(output, (tuple, list)):
+            if -len(output) <= selector < len(output):
+                return _checked(output[selector], output, selector)
+        elif isinstance(output, Mapping):
+            values = list(output.values())
+            if -len(values) <= selector < len(values):
+                return _checked(values[selector], output, selector)
+        else:
+            raise TypeError(
+                f"int selector {selector} needs a tuple, list or Mapping, got {_describe(output)}"
+                f"; use selector=None for a Tensor output, or a callable"
+            )
+        raise TypeError(
+            f"int selector {selector} is out of range for {_describe(output)}; {_SELECTOR_HINT}"
+        )
+
+    if isinstance(selector, str):
+        if isinstance(output, Mapping):
+            if selector in output:
+                return _checked(output[selector], output, selector)
+        elif hasattr(output, selector):
+            return _checked(getattr(output, selector), output, selector)
+        raise TypeError(
+            f"selector '{selector}' is neither a key nor an attribute of {_describe(output)}; "
+            f"{_SELECTOR_HINT}"
+        )
+
+    if callable(selector):
+        return _checked(selector(output), output, selector)
+
+    raise TypeError(
+        f"selector must be None, an int, a str or a callable, got {type(selector).__name__}: "
+        f"{selector!r}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
+
+
+def _remove_handles(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+class FeatureCapture:
+    """Record the output (or input) of named submodules on every forward.
+
+    Args:
+        model: the model to hook.
+        paths: dotted module paths (see :func:`resolve_module`).
+        selector: how to pick a tensor when a module returns a tuple / dict / ModelOutput (see
+            :func:`select_tensor`); one selector for all paths or a dict ``{path: selector}``
+            (paths missing from the dict use ``None``).
+        capture: ``"output"`` (forward hook) or ``"input"`` (forward pre-hook; the positional
+            arguments are the output to select from, or the keyword arguments when the module
+            was called with keywords only).
+
+    ``features`` holds the tensors of the most recent forward of ``model``: it is emptied when
+    ``model`` starts a forward. A module called several times in one forward keeps its last call.
+    Tensors are not detached, so losses on student features backpropagate.
+
+    Hooks are removed by :meth:`close`, on leaving a ``with`` block (also when an exception
+    passes through), and when this object is garbage-collected; the hook closures hold no
+    reference to it, so dropping the last reference is enough.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        paths: Sequence[str],
+        *,
+        selector: Selector | Mapping[str, Selector] = None,
+        capture: Literal["output", "input"] = "output",
+    ) -> None:
+        if isinstance(paths, str):
+            paths = [paths]
+        paths = list(paths)
+        if len(set(paths)) != len(paths):
+            dupes = sorted({p for p in paths if paths.count(p) > 1})
+            raise ValueError(f"FeatureCapture paths must be unique; repeated: {dupes}")
+        if capture not in ("output", "input"):
+            raise ValueError(f"capture must be 'output' or 'input', got {capture!r}")
+        if isinstance(selector, Mapping):
+            unknown = sorted(set(selector) - set(paths))
+            if unknown:
+                raise ValueError(
+                    f"selector dict names paths that are not captured: {unknown}; "
+                    f"captured paths: {paths}"
+                )
+            selectors = {p: selector.get(p) for p in paths}
+        else:
+            selectors = dict.fromkeys(paths, selector)
+
+        modules = {p: resolve_module(model, p) for p in paths}
+
+        self.paths: tuple[str, ...] = tuple(paths)
+        self.capture = capture
+        self._store: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+        store = self._store
+        handles = self._handles
+
+        # emptied at the start of each model forward so a path skipped this time leaves no
+        # stale tensor from an earlier batch
+        handles.append(model.register_forward_pre_hook(lambda _m, _a: store.clear(), prepend=True))
+        for path, module in modules.items():
+            handles.append(_register(module, path, selectors[path], capture, store))
+        self._finalizer = weakref.finalize(self, _remove_handles, handles)
+
+    @property
+    def features(self) -> dict[str, Tensor]:
+        """``{path: tensor}`` from the most recent forward (a copy of the internal dict)."""
+        return dict(self._store)
+
+    def clear(self) -> None:
+        """Forget the captured tensors (releases their autograd graphs)."""
+        self._store.clear()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Remove all hooks; idempotent. Captured tensors stay readable."""
+        self._finalizer()
+
+    def __enter__(self) -> FeatureCapture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"FeatureCapture(paths={list(self.paths)}, capture={self.capture!r}, {state})"
+
+
+def _register(
+    module: nn.Module, path: str, selector: Selector, capture: str, store: dict[str, Tensor]
+) -> RemovableHandle:
+    def pick(value: Any) -> Tensor:
+        try:
+            return select_tensor(value, selector)
+        except TypeError as err:
+            raise TypeError(f"FeatureCapture at '{path}' ({capture}): {err}") from err
+
+    if capture == "output":
+
+        def output_hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            store[path] = pick(output)
+
+        return module.register_forward_hook(output_hook)
+
+    def input_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # HF layers are often called as layer(hidden_states=...), with no positional args
+        store[path] = pick(args if args or not kwargs else kwargs)
+
+    return module.register_forward_pre_hook(input_hook, with_kwargs=True)
+
+
+# --------------------------------------------------------------------------------------------
+# shape probing
+# --------------------------------------------------------------------------------------------
+
+
+def probe_shapes(
+    model: nn.Module,
+    paths: Sequence[str],
+    example_input: Any,
+    *,
+    selector: Selector | Mapping[str, Selector] = None,
+    capture: Literal["output", "input"] = "output",
+) -> dict[str, torch.Size]:
+    """Run one dry forward of ``model`` and return ``{path: feature shape}``.
+
+    ``example_input`` is a Tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
+    (``model(**x)``). The forward runs under ``torch.no_grad()`` in eval mode, so BatchNorm
+    running statistics are not updated and Dropout is off; every submodule's train/eval flag is
+    restored afterwards (also when the forward raises).
+
+    Raises:
+        ValueError: a path was not reached by the forward.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with FeatureCapture(model, paths, selector=selector, capture=capture) as cap:
+            with torch.no_grad():
+                if isinstance(example_input, Mapping):
+                    model(**example_input)
+                elif isinstance(example_input, (tuple, list)):
+                    model(*example_input)
+                else:
+                    model(example_input)
+            features = cap.features
+    finally:
+        for module, training in modes:
+            module.training = training
+    missing = [p for p in paths if p not in features]
+    if missing:
+        raise ValueError(
+            f"modules {missing} of {type(model).__name__} were not called during the probe "
+            f"forward, so their shapes are unknown; pick modules the forward actually runs "
+            f"(kdkit.capture.list_modules(model) lists all)"
+        )
+    return {p: features[p].shape for p in paths}
+
+
+# --------------------------------------------------------------------------------------------
+# layer mapping for layer-wise distillation
+# --------------------------------------------------------------------------------------------
+
+
+def map_layers(
+    student_pattern: str,
+    teacher_pattern: str,
+    num_student_layers: int,
+    num_teacher_layers: int,
+    strategy: Literal["uniform", "skip", "last"] = "uniform",
+) -> list[tuple[str, str]]:
+    """Pair student layers with teacher layers for layer-wise (hidden-state) distillation.
+
+    Patterns are formatted with ``{i}`` = 0-based layer index, e.g. ``"encoder.layer.{i}"``.
+    With ``n`` student layers, ``N`` teacher layers and ``k = N // n``:
+
+    * ``"uniform"`` (TinyBERT's uniform mapping, Jiao et al. 2020): student layer ``j`` learns
+      from teacher layer ``(j + 1) * k - 1`` for ``j = 0..n-1``, i.e. every k-th teacher layer,
+      ending at the last one when ``n`` divides ``N``. 12 -> 6: teacher 1, 3, 5, 7, 9, 11.
+    * ``"skip"`` (PKD-Skip, Sun et al. 2019, "Patient Knowledge Distillation for BERT Model
+      Compression"): the same every-k-th teacher layers but without the final one (the final
+      layer is distilled through the logits), paired with student layers ``0..n-2``.
+      12 -> 6: student 0..4 <- teacher 1, 3, 5, 7, 9.
+    * ``"last"`` (PKD-Last, same paper): the ``n - 1`` teacher layers just before the final one,
+      ``N-n .. N-2``, paired with student layers ``0..n-2``. 12 -> 6: teacher 6, 7, 8, 9, 10.
+
+    When ``n`` does not divide ``N`` the remainder teacher layers at the top are not used by
+    ``"uniform"`` / ``"skip"`` (12 -> 5 gives teacher 1, 3, 5, 7, 9 for ``"uniform"``).
+
+    Returns:
+        ``[(student_path, teacher_path), ...]`` in student-layer order.
+
+    Raises:
+        ValueError: non-positive counts, more student than teacher layers, fewer than two
+            student layers for ``"skip"`` / ``"last"``, an unknown strategy, or a pattern
+            without ``{i}``.
+    """
+    for name, value in (
+        ("num_student_layers", num_student_layers),
+        ("num_teacher_layers", num_teacher_layers),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    n, big_n = num_student_layers, num_teacher_layers
+    if n > big_n:
+        raise ValueError(
+            f"num_student_layers ({n}) exceeds num_teacher_layers ({big_n}); a student layer "
+            f"needs a distinct teacher layer to learn from. Swap the arguments if they are "
+            f"reversed, or pair layers by hand."
+        )
+    for name, pattern in (
+        ("student_pattern", student_pattern),
+        ("teacher_pattern", teacher_pattern),
+    ):
+        if "{i}" not in pattern:
+            raise ValueError(
+                f"{name} must contain '{{i}}' for the layer index, got {pattern!r} "
+                f"(e.g. 'encoder.layer.{{i}}')"
+            )
+    k = big_n // n
+    if strategy == "uniform":
+        pairs = [(j, (j + 1) * k - 1) for j in range(n)]
+    elif strategy in ("skip", "last"):
+        if n < 2:
+            raise ValueError(
+                f"strategy '{strategy}' pairs student layers 0..n-2 and so needs at least 2 "
+                f"student layers, got num_student_layers={n}; use strategy='uniform'"
+            )
+        if strategy == "skip":
+            pairs = [(j, (j + 1) * k - 1) for j in range(n - 1)]
+        else:
+            pairs = [(j, big_n - n + j) for j in range(n - 1)]
+    else:
+        raise ValueError(f"strategy must be one of 'uniform', 'skip', 'last', got {strategy!r}")
+    return [(student_pattern.format(i=s), teacher_pattern.format(i=t)) for s, t in pairs]

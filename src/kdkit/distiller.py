@@ -1,0 +1,538 @@
+"""The Distiller: a student, frozen teacher(s) and weighted loss terms in one ``nn.Module``.
+
+One forward on a batch returns the total loss, every term's value (detached, for logging) and the
+student's output. The same object also offers the hooks API of Intel Neural Compressor
+(``on_train_begin`` / ``on_after_compute_loss`` / ``on_epoch_end``) for hand-written loops.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdkit.adapters import build_adapter, probe_shapes
+from kdkit.capture import FeatureCapture, resolve_module, select_tensor
+
+Selector = int | str | Callable[[Any], Tensor] | None
+LOGITS = "logits"
+
+
+@dataclass
+class Term:
+    """One weighted loss term of a :class:`Distiller`, and what it reads.
+
+    Args:
+        loss: called as ``loss(student_value, teacher_value)``, with ``target`` appended when the
+            term reads labels, or as ``loss(student_value, target)`` when ``teacher`` is None.
+        weight: the term's weight in the total loss (>= 0).
+        student: ``"logits"`` or a module path (or a list of paths) of the student to read.
+        teacher: ``"logits"``, a module path (or list of paths) of the teacher, or None for a term
+            that only reads the student and the labels (e.g. cross-entropy on hard labels).
+        name: the key under which the term is logged; derived from the loss class when None.
+        adapter: ``None`` (features are compared as they are), ``"identity"``, ``"linear"``,
+            ``"conv"`` or ``"auto"``: a learned student-side projection to the teacher's shape.
+            Anything but None or identity needs ``example_input`` on the Distiller to probe shapes.
+        target: whether the loss also takes the labels; defaults to ``loss.needs_target``.
+        teacher_index: which teacher a feature term reads when there are several (default 0).
+    """
+
+    loss: Callable[..., Tensor]
+    weight: float = 1.0
+    student: str | Sequence[str] = LOGITS
+    teacher: str | Sequence[str] | None = LOGITS
+    name: str | None = None
+    adapter: str | None = None
+    target: bool | None = None
+    teacher_index: int = 0
+
+    @property
+    def student_paths(self) -> list[str]:
+        return _paths(self.student)
+
+    @property
+    def teacher_paths(self) -> list[str]:
+        return _paths(self.teacher)
+
+    @property
+    def reads_target(self) -> bool:
+        return bool(getattr(self.loss, "needs_target", False)) if self.target is None else self.target
+
+
+@dataclass
+class DistillerOutput:
+    """What one Distiller step returns."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    student_output: Any
+    logits: Tensor
+    teacher_logits: list[Tensor] = field(default_factory=list)
+
+
+def _paths(spec: str | Sequence[str] | None) -> list[str]:
+    if spec is None or spec == LOGITS:
+        return []
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def _default_name(loss: Callable[..., Tensor]) -> str:
+    cls = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", "term")
+    cls = cls.removesuffix("Loss") or cls
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls).lower()
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+class Distiller(nn.Module):
+    """Student + frozen teacher(s) + weighted loss terms.
+
+    ``distiller(inputs, target)`` runs the student (capturing the features its terms read), runs
+    every teacher in eval mode under ``torch.no_grad()`` (or takes ``teacher_output`` given with
+    the batch, or reads a teacher-output cache by sample ``index``), and returns a
+    :class:`DistillerOutput` with ``loss = Σ weight_i · term_i``.
+
+    The teacher is frozen: its parameters get ``requires_grad=False``, it is put back in eval mode
+    on every forward (a trainer calling ``.train()`` on the parent cannot flip its BatchNorm or
+    Dropout), and it is not registered as a submodule, so it is not in ``parameters()``, not in
+    ``state_dict()`` and not wrapped by DDP; ``.to()`` / ``.cuda()`` still move it.
+
+    With several teachers, logit terms see the weighted average of the teachers' softened
+    probabilities at the term's temperature T (Hinton et al. 2015, §4): the teacher logits handed
+    to the loss are ``T · log Σ_k w_k softmax(z_k / T)``, whose softmax at T is exactly that average.
+
+    Args:
+        student: the model to train; ``distiller.student`` stays the plain module (no hooks
+            outside a forward, no adapters), ready to ship.
+        teacher: an ``nn.Module``, a sequence of them, an object with ``teacher_output(index,
+            epoch)`` (a :class:`kdkit.cache.TeacherCache`), or None when teacher outputs always
+            come with the batch.
+        terms: a sequence of :class:`Term`, or a mapping name -> Term (names from config keys).
+        teacher_weights: weights of the teachers' probabilities (normalised to sum to 1).
+        logits: selector for the logits in the models' outputs: None (tensor; first element of a
+            tuple; ``"logits"`` key or attribute), an index, a key / attribute name, or a callable.
+        teacher_logits: selector for the teachers' outputs, when it differs from ``logits``.
+        example_input: one input batch, used once to probe feature shapes for adapters.
+        check_finite: raise when a term is NaN/Inf, naming it (one host sync per step on GPU).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | Sequence[nn.Module] | Any | None = None,
+        terms: Sequence[Term] | Mapping[str, Term] = (),
+        *,
+        teacher_weights: Sequence[float] | None = None,
+        logits: Selector = None,
+        teacher_logits: Selector = None,
+        example_input: Any = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(student, nn.Module):
+            raise TypeError(f"student must be an nn.Module, got {type(student).__name__}.")
+        self.student = student
+        self._teachers, self._cache = self._split_teacher(teacher)
+        for t in self._teachers:
+            t.requires_grad_(False)
+            t.eval()
+        self._teacher_weights = self._check_teacher_weights(teacher_weights, len(self._teachers))
+        self.logits_selector = logits
+        self.teacher_logits_selector = teacher_logits if teacher_logits is not None else logits
+        self.check_finite = check_finite
+        self.terms = self._name_terms(terms)
+        if not self.terms:
+            raise ValueError(
+                "Distiller needs at least one term, got none; e.g. "
+                "terms=[Term(KLDivLoss(temperature=4.0))]."
+            )
+        self.losses = nn.ModuleDict(
+            {n: t.loss for n, t in self.terms.items() if isinstance(t.loss, nn.Module)}
+        )
+        self._check_terms()
+        self.adapters = self._build_adapters(example_input)
+        self.epoch = 0
+        self._persistent_capture: FeatureCapture | None = None
+
+    # ----------------------------------------------------------------- construction helpers
+    @staticmethod
+    def _split_teacher(teacher: Any) -> tuple[list[nn.Module], Any]:
+        if teacher is None:
+            return [], None
+        if isinstance(teacher, nn.Module):
+            return [teacher], None
+        if hasattr(teacher, "teacher_output"):
+            return [], teacher
+        if isinstance(teacher, Sequence) and all(isinstance(t, nn.Module) for t in teacher):
+            if not teacher:
+                raise ValueError("teacher is an empty list; pass at least one nn.Module or None.")
+            return list(teacher), None
+        raise TypeError(
+            f"teacher must be an nn.Module, a list of nn.Modules, a TeacherCache or None, got "
+            f"{type(teacher).__name__}."
+        )
+
+    @staticmethod
+    def _check_teacher_weights(weights: Sequence[float] | None, n: int) -> Tensor | None:
+        if weights is None:
+            return None
+        w = [float(v) for v in weights]
+        if len(w) != n:
+            raise ValueError(
+                f"teacher_weights has {len(w)} entries but there are {n} teachers; give one weight "
+                "per teacher."
+            )
+        if any(v < 0 or not math.isfinite(v) for v in w) or sum(w) <= 0:
+            raise ValueError(
+                f"teacher_weights must be finite, >= 0 and not all 0, got {w}."
+            )
+        return torch.tensor(w) / sum(w)
+
+    @staticmethod
+    def _name_terms(terms: Sequence[Term] | Mapping[str, Term]) -> dict[str, Term]:
+        items = list(terms.items()) if isinstance(terms, Mapping) else [(None, t) for t in terms]
+        named: dict[str, Term] = {}
+        for key, term in items:
+            if not isinstance(term, Term):
+                raise TypeError(
+                    f"terms must hold kdkit.Term objects, got {type(term).__name__}; wrap the loss: "
+                    "Term(loss, weight=...)."
+                )
+            name = key or term.name or _default_name(term.loss)
+            base, i = name, 1
+            while name in named:
+                i += 1
+                name = f"{base}_{i}"
+            named[name] = term
+        return named
+
+    def _check_terms(self) -> None:
+        for name, term in self.terms.items():
+            w = term.weight
+            if not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                raise ValueError(
+                    f"term {name!r} has weight {w!r}; weights must be finite numbers >= 0. "
+                    "To turn a term off use weight=0."
+                )
+            if term.adapter not in (None, "identity", "linear", "conv", "auto"):
+                raise ValueError(
+                    f"term {name!r} has adapter {term.adapter!r}; allowed: None, 'identity', "
+                    "'linear', 'conv', 'auto'."
+                )
+            n_teachers = max(len(self._teachers), 1)
+            if term.teacher_paths and not 0 <= term.teacher_index < n_teachers:
+                raise ValueError(
+                    f"term {name!r} reads teacher_index={term.teacher_index} but there are "
+                    f"{n_teachers} teacher(s); use an index in 0..{n_teachers - 1}."
+                )
+            if (term.student == LOGITS) != (term.teacher in (LOGITS, None)):
+                raise ValueError(
+                    f"term {name!r} compares student {term.student!r} with teacher "
+                    f"{term.teacher!r}; a term reads logits on both sides or features on both "
+                    "sides."
+                )
+            sp, tp = term.student_paths, term.teacher_paths
+            if sp and len(sp) != len(tp):
+                raise ValueError(
+                    f"term {name!r} pairs {len(sp)} student layers {sp} with {len(tp)} teacher "
+                    f"layers {tp}; give the same number on both sides (kdkit.capture.map_layers "
+                    "builds such pairs)."
+                )
+            for path in sp:
+                resolve_module(self.student, path)
+            if self._teachers:
+                for path in tp:
+                    resolve_module(self._teachers[term.teacher_index], path)
+
+    def _build_adapters(self, example_input: Any) -> nn.ModuleDict:
+        adapters = nn.ModuleDict()
+        wanted = {n: t for n, t in self.terms.items() if t.adapter is not None and t.student_paths}
+        if not wanted:
+            return adapters
+        needs_probe = any(t.adapter != "identity" for t in wanted.values())
+        if needs_probe and example_input is None:
+            names = sorted(n for n, t in wanted.items() if t.adapter != "identity")
+            raise ValueError(
+                f"terms {names} ask for learned adapters, whose sizes are probed with one dry-run "
+                "forward; pass example_input=<one input batch> to Distiller."
+            )
+        if needs_probe and not self._teachers:
+            raise ValueError(
+                "adapters are sized by probing the teacher, but this Distiller has no teacher "
+                "module; build the Distiller with the teacher (or use adapter=None)."
+            )
+        for name, term in wanted.items():
+            teacher = self._teachers[term.teacher_index] if self._teachers else None
+            s_shapes = probe_shapes(self.student, term.student_paths, example_input)
+            t_shapes = (
+                probe_shapes(teacher, term.teacher_paths, example_input)
+                if teacher is not None
+                else {}
+            )
+            for i, (sp, tp) in enumerate(zip(term.student_paths, term.teacher_paths, strict=True)):
+                adapters[f"{name}__{i}"] = build_adapter(
+                    term.adapter,
+                    s_shapes.get(sp),
+                    t_shapes.get(tp),
+                    student_name=f"student.{sp}",
+                    teacher_name=f"teacher.{tp}",
+                )
+        return adapters
+
+    # ----------------------------------------------------------------------------- module API
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The (first) teacher module, or None when outputs come from a cache or the batch."""
+        return self._teachers[0] if self._teachers else None
+
+    @property
+    def teachers(self) -> list[nn.Module]:
+        return list(self._teachers)
+
+    def teacher_logits(self, inputs: Any) -> Tensor:
+        """The teachers' logits for ``inputs`` (eval mode, no grad); several are ensembled at T=1."""
+        outputs = []
+        with torch.no_grad():
+            for teacher in self._teachers:
+                teacher.eval()
+                outputs.append(select_tensor(_call(teacher, inputs), self.teacher_logits_selector))
+        return self._ensemble(outputs, 1.0)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Distiller:
+        # The teachers are deliberately unregistered; they still follow .to() / .cuda() / .half().
+        for t in self._teachers:
+            t._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    def forward(
+        self,
+        inputs: Any,
+        target: Tensor | None = None,
+        *,
+        teacher_output: Any = None,
+        index: Tensor | None = None,
+        epoch: int | None = None,
+    ) -> DistillerOutput:
+        """Run the student and the teacher(s) on ``inputs`` and compute the weighted loss.
+
+        Args:
+            inputs: a tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``).
+            target: labels, for terms that read them.
+            teacher_output: precomputed teacher output for this batch (logits tensor, a model
+                output, or ``{"logits": ..., "features": {path: tensor}}``); skips the teacher.
+            index: sample indices, to read a teacher-output cache.
+            epoch: which cached view to read (defaults to the epoch counted by on_epoch_end).
+        """
+        paths = self._student_paths()
+        if paths:
+            with FeatureCapture(self.student, paths) as cap:
+                student_output = _call(self.student, inputs)
+            features = dict(cap.features)
+        else:
+            student_output = _call(self.student, inputs)
+            features = {}
+        return self._compute(inputs, student_output, features, target, teacher_output, index, epoch)
+
+    # ------------------------------------------------------------------------ hooks API (INC)
+    def on_train_begin(self) -> None:
+        """Call before the first batch of a hand-written loop: attaches the student's hooks."""
+        self.close()
+        for t in self._teachers:
+            t.eval()
+        paths = self._student_paths()
+        if paths:
+            self._persistent_capture = FeatureCapture(self.student, paths)
+
+    def on_after_compute_loss(
+        self,
+        inputs: Any,
+        student_output: Any,
+        student_loss: Tensor,
+        teacher_output: Any = None,
+        *,
+        target: Tensor | None = None,
+        index: Tensor | None = None,
+    ) -> Tensor:
+        """Call after your own loss: returns ``student_loss + Σ weight_i · term_i``.
+
+        Runs the teacher on ``inputs`` unless ``teacher_output`` is given (or a cache is set and
+        ``index`` is given). The last terms are kept in ``self.last_terms`` for logging.
+        """
+        if self._student_paths() and self._persistent_capture is None:
+            raise RuntimeError(
+                "this Distiller reads student features, which are captured by hooks that "
+                "on_train_begin() attaches; call distiller.on_train_begin() before the loop."
+            )
+        features = self._persistent_capture.features if self._persistent_capture else {}
+        out = self._compute(inputs, student_output, features, target, teacher_output, index, None)
+        self.last_terms = out.terms
+        return student_loss + out.loss
+
+    def on_epoch_end(self) -> None:
+        """Call at the end of every epoch (advances the epoch used to read cached views)."""
+        self.epoch += 1
+
+    def close(self) -> None:
+        """Remove any hooks this Distiller holds on the student (idempotent)."""
+        if self._persistent_capture is not None:
+            self._persistent_capture.close()
+            self._persistent_capture = None
+
+    def __enter__(self) -> Distiller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ internals
+    def _student_paths(self) -> list[str]:
+        return list(dict.fromkeys(p for t in self.terms.values() for p in t.student_paths))
+
+    def _teacher_paths(self, k: int) -> list[str]:
+        return list(
+            dict.fromkeys(
+                p for t in self.terms.values() if t.teacher_index == k for p in t.teacher_paths
+            )
+        )
+
+    def _run_teachers(self, inputs: Any) -> tuple[list[Any], list[dict[str, Tensor]]]:
+        outputs, features = [], []
+        for k, teacher in enumerate(self._teachers):
+            teacher.eval()
+            paths = self._teacher_paths(k)
+            with torch.no_grad():
+                if paths:
+                    with FeatureCapture(teacher, paths) as cap:
+                        outputs.append(_call(teacher, inputs))
+                    features.append(dict(cap.features))
+                else:
+                    outputs.append(_call(teacher, inputs))
+                    features.append({})
+        return outputs, features
+
+    def _teacher_side(
+        self, inputs: Any, teacher_output: Any, index: Tensor | None, epoch: int | None
+    ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        if teacher_output is None and self._cache is not None:
+            if index is None:
+                raise ValueError(
+                    "this Distiller reads teacher outputs from a cache, which needs the batch's "
+                    "sample indices: call distiller(x, y, index=idx) with a dataset that yields "
+                    "(x, y, index) (wrap it in kdkit.data.IndexedDataset)."
+                )
+            teacher_output = self._cache.teacher_output(
+                index, self.epoch if epoch is None else epoch
+            )
+        if teacher_output is not None:
+            if isinstance(teacher_output, Mapping) and "features" in teacher_output:
+                logits = select_tensor(teacher_output, LOGITS)
+                return [logits], [dict(teacher_output["features"])]
+            return [select_tensor(teacher_output, self.teacher_logits_selector)], [{}]
+        if not self._teachers:
+            raise ValueError(
+                "this Distiller has no teacher and no teacher_output was given; pass the teacher "
+                "to Distiller(...) or teacher_output=... with the batch."
+            )
+        outputs, features = self._run_teachers(inputs)
+        return [select_tensor(o, self.teacher_logits_selector) for o in outputs], features
+
+    def _ensemble(self, teacher_logits: list[Tensor], temperature: float) -> Tensor:
+        if len(teacher_logits) == 1:
+            return teacher_logits[0]
+        n = len(teacher_logits)
+        w = self._teacher_weights
+        log_w = (
+            torch.full((n,), -math.log(n)) if w is None else torch.log(w)
+        ).to(teacher_logits[0].device, teacher_logits[0].dtype)
+        log_p = torch.stack([torch.log_softmax(t / temperature, dim=-1) for t in teacher_logits])
+        log_w = log_w.view(n, *([1] * (log_p.dim() - 1)))
+        return temperature * torch.logsumexp(log_w + log_p, dim=0)
+
+    def _compute(
+        self,
+        inputs: Any,
+        student_output: Any,
+        student_features: Mapping[str, Tensor],
+        target: Tensor | None,
+        teacher_output: Any,
+        index: Tensor | None,
+        epoch: int | None,
+    ) -> DistillerOutput:
+        logits = select_tensor(student_output, self.logits_selector)
+        needs_teacher = any(t.teacher is not None for t in self.terms.values())
+        t_logits, t_features = (
+            self._teacher_side(inputs, teacher_output, index, epoch) if needs_teacher else ([], [])
+        )
+        for k, t in enumerate(t_logits):
+            if t.shape[-1] != logits.shape[-1]:
+                raise ValueError(
+                    f"teacher {k} predicts {t.shape[-1]} classes (logits shape {tuple(t.shape)}) "
+                    f"but the student predicts {logits.shape[-1]} (logits shape "
+                    f"{tuple(logits.shape)}); give both models the same number of classes."
+                )
+        values: dict[str, Tensor] = {}
+        total = logits.new_zeros(())
+        for name, term in self.terms.items():
+            args = self._term_inputs(name, term, logits, student_features, t_logits, t_features)
+            if term.reads_target:
+                if target is None:
+                    raise ValueError(
+                        f"term {name!r} reads labels but target is None; call "
+                        "distiller(inputs, target)."
+                    )
+                args.append(target)
+            try:
+                value = term.loss(*args)
+            except ValueError as e:
+                raise ValueError(f"term {name!r}: {e}") from e
+            if self.check_finite and not torch.isfinite(value).all():
+                raise FloatingPointError(
+                    f"term {name!r} is {value.item()} (not finite); lower the learning rate, check "
+                    "the inputs for NaN/Inf, or raise the temperature of a soft term."
+                )
+            values[name] = value.detach()
+            total = total + term.weight * value
+        return DistillerOutput(total, values, student_output, logits, t_logits)
+
+    def _term_inputs(
+        self,
+        name: str,
+        term: Term,
+        logits: Tensor,
+        student_features: Mapping[str, Tensor],
+        t_logits: list[Tensor],
+        t_features: list[dict[str, Tensor]],
+    ) -> list[Any]:
+        if term.student == LOGITS:
+            if term.teacher is None:
+                return [logits]
+            return [logits, self._ensemble(t_logits, float(getattr(term.loss, "temperature", 1.0)))]
+        s_vals, t_vals = [], []
+        available = t_features[term.teacher_index] if term.teacher_index < len(t_features) else {}
+        for i, (sp, tp) in enumerate(zip(term.student_paths, term.teacher_paths, strict=True)):
+            if tp not in available:
+                raise ValueError(
+                    f"term {name!r} reads teacher feature {tp!r}, which the teacher output does "
+                    f"not contain (it has {sorted(available)}); run the teacher online or cache "
+                    "that feature."
+                )
+            s = student_features[sp]
+            key = f"{name}__{i}"
+            if key in self.adapters:
+                s = self.adapters[key](s)
+            s_vals.append(s)
+            t_vals.append(available[tp])
+        if isinstance(term.student, str):
+            return [s_vals[0], t_vals[0]]
+        return [s_vals, t_vals]

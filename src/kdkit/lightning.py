@@ -1,0 +1,186 @@
+"""Lightning modules: supervised training (teachers, scratch baselines) and distillation.
+
+Both read batches ``(x, y)`` or ``(x, y, index)``; labels equal to -1 mark unlabeled samples of a
+transfer set (they are ignored by the cross-entropy here; the teacher labels them through the
+distillation terms). The distillation module's checkpoints hold the student, its adapters and
+learnable loss parts, never the teacher (it is not a registered submodule of the Distiller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kdkit.distiller import Distiller
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+UNLABELED = -1
+
+
+def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(x, y)`` or ``(x, y, index)`` -> ``(x, y, index or None)``."""
+    if isinstance(batch, tuple | list) and len(batch) in (2, 3):
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    raise TypeError(
+        f"a batch must be (inputs, labels) or (inputs, labels, index), got "
+        f"{type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
+        + "; wrap the dataset so that it yields such tuples (kdkit.data.IndexedDataset)."
+    )
+
+
+def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int) -> tuple[Tensor, Tensor]:
+    """Mixup (Zhang et al. 2018): convex mix of shuffled pairs; labels become soft targets.
+
+    Unlabeled samples (label -1) contribute no label mass.
+    """
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], device=x.device)
+    onehot = nn.functional.one_hot(y.clamp_min(0), num_classes).to(x.dtype)
+    onehot = onehot * (y != UNLABELED).unsqueeze(-1)
+    return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]
+
+
+def labeled_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy over labeled samples only (label -1 = unlabeled; 0 when none is labeled)."""
+    if target.is_floating_point():
+        return nn.functional.cross_entropy(logits, target)
+    keep = target != UNLABELED
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    return nn.functional.cross_entropy(logits[keep], target[keep])
+
+
+class _ClassificationModule(L.LightningModule):
+    """Shared optimiser set-up, validation and test metrics."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        optimizer: OptimizerFactory | None,
+        scheduler: SchedulerFactory | None,
+        mixup_alpha: float,
+    ) -> None:
+        super().__init__()
+        if mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0 (0 turns mixup off), got {mixup_alpha}.")
+        self.num_classes = num_classes
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.mixup_alpha = mixup_alpha
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    @property
+    def model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = (
+            self.optimizer_factory(params)
+            if self.optimizer_factory is not None
+            else torch.optim.Adam(params, lr=1e-3)
+        )
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt)}}
+
+    def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.mixup_alpha > 0:
+            return mixup(x, y, self.mixup_alpha, self.num_classes)
+        return x, y
+
+    def _eval_step(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> None:
+        x, y, _ = unpack_batch(batch)
+        logits = self(x)
+        metric.update(logits, y)
+        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, y), prog_bar=False)
+        self.log(f"{stage}/acc", metric, prog_bar=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, "test")
+
+
+class ClassifierModule(_ClassificationModule):
+    """Plain supervised training with cross-entropy: for teachers and the scratch student."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        mixup_alpha: float = 0.0,
+    ) -> None:
+        super().__init__(num_classes, optimizer, scheduler, mixup_alpha)
+        self.net = model
+
+    @property
+    def model(self) -> nn.Module:
+        return self.net
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, _ = unpack_batch(batch)
+        x, y = self._mix(x, y)
+        loss = labeled_cross_entropy(self.net(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+
+class DistillationModule(_ClassificationModule):
+    """Trains ``distiller.student`` through a :class:`~kdkit.Distiller`.
+
+    Teacher and student see the same (augmented, optionally mixed-up) batch: consistent views.
+    Every term is logged as ``train/<term>`` (detached tensors; Lightning reads them at its log
+    interval, not every step). Validation also logs top-1 agreement with the teacher.
+    """
+
+    def __init__(
+        self,
+        distiller: Distiller,
+        num_classes: int,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        mixup_alpha: float = 0.0,
+    ) -> None:
+        super().__init__(num_classes, optimizer, scheduler, mixup_alpha)
+        self.distiller = distiller
+        self.val_agreement = MulticlassAccuracy(num_classes, average="micro")
+
+    @property
+    def model(self) -> nn.Module:
+        return self.distiller.student
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y, index = unpack_batch(batch)
+        if self.mixup_alpha > 0 and self.distiller.teacher is None:
+            raise ValueError(
+                "mixup changes the inputs, so cached teacher outputs no longer match them; use "
+                "the online teacher with mixup (distill.mixup_alpha=0 to keep the cache)."
+            )
+        x, y = self._mix(x, y)
+        out = self.distiller(x, y, index=index, epoch=self.current_epoch)
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in out.terms.items()})
+        return out.loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if self.distiller.teachers:
+            x, _, _ = unpack_batch(batch)
+            t_pred = self.distiller.teacher_logits(x).argmax(-1)
+            self.val_agreement.update(self(x), t_pred)
+            self.log("val/agreement", self.val_agreement)

@@ -1,0 +1,264 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import mlp, train_supervised
+from torch import nn
+
+from kdkit import Distiller, Term
+from kdkit.functional import kl_div
+from kdkit.losses import HintonLoss, KLDivLoss, MSEHiddenStatesLoss
+
+
+@pytest.fixture(scope="module")
+def teacher(digits) -> nn.Module:
+    torch.manual_seed(0)
+    model = mlp(128)
+    train_supervised(model, digits["x_train"], digits["y_train"])
+    return model
+
+
+def agreement(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> float:
+    student.eval()
+    with torch.no_grad():
+        return (student(x).argmax(-1) == teacher(x).argmax(-1)).float().mean().item()
+
+
+def test_student_learns_from_teacher_on_digits(digits, teacher):
+    torch.manual_seed(0)
+    student = mlp(16, depth=1)
+    distiller = Distiller(student, teacher, [Term(KLDivLoss(temperature=4.0))])
+    opt = torch.optim.Adam(distiller.parameters(), lr=1e-2)
+    before = agreement(student, teacher, digits["x_test"])
+    gen = torch.Generator().manual_seed(2)
+    distiller.train()
+    for _ in range(300):
+        idx = torch.randint(0, 1200, (64,), generator=gen)
+        out = distiller(digits["x_train"][idx])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    after = agreement(student, teacher, digits["x_test"])
+    assert before < 0.3
+    assert after > 0.9
+
+
+def test_teacher_stays_frozen_bit_identical(digits, teacher):
+    teacher = copy.deepcopy(teacher)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = mlp(16, depth=1)
+    distiller = Distiller(student, teacher, [Term(HintonLoss(temperature=4.0))])
+    assert all(not p.requires_grad for p in teacher.parameters())
+    param_ids = {id(p) for p in distiller.parameters()}
+    assert not any(id(p) in param_ids for p in teacher.parameters())
+    assert not any(k.startswith("teacher") for k in distiller.state_dict())
+    opt = torch.optim.SGD(distiller.parameters(), lr=0.1)
+    for step in range(10):
+        distiller.train()  # a trainer flipping the parent to train must not reach the teacher
+        idx = torch.arange(step * 32, step * 32 + 32)
+        out = distiller(digits["x_train"][idx], digits["y_train"][idx])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        assert not teacher.training
+    after = teacher.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert set(distiller.student.state_dict()) == set(student.state_dict())
+    assert type(distiller.student) is type(student)
+
+
+def test_terms_are_logged_detached_and_weighted(digits, teacher):
+    x, y = digits["x_train"][:32], digits["y_train"][:32]
+    student = mlp(16, depth=1).eval()
+    distiller = Distiller(
+        student,
+        teacher,
+        {
+            "kd": Term(KLDivLoss(temperature=2.0), weight=0.7),
+            "ce": Term(nn.CrossEntropyLoss(), weight=0.3, teacher=None, target=True),
+        },
+    ).eval()
+    out = distiller(x, y)
+    s, t = student(x), teacher(x)
+    kd = kl_div(s, t, temperature=2.0)
+    ce = nn.functional.cross_entropy(s, y)
+    assert set(out.terms) == {"kd", "ce"}
+    assert torch.allclose(out.terms["kd"], kd)
+    assert torch.allclose(out.terms["ce"], ce)
+    assert torch.allclose(out.loss, 0.7 * kd + 0.3 * ce)
+    assert not out.terms["kd"].requires_grad and out.loss.requires_grad
+    assert torch.equal(out.logits, s)
+
+
+def test_precomputed_teacher_output_equals_online(digits, teacher):
+    x = digits["x_train"][:16]
+    student = mlp(16, depth=1).eval()
+    distiller = Distiller(student, teacher, [Term(KLDivLoss(temperature=3.0))]).eval()
+    online = distiller(x).loss
+    with torch.no_grad():
+        given = distiller(x, teacher_output=teacher(x)).loss
+    assert torch.equal(online, given)
+    without_teacher = Distiller(student, None, [Term(KLDivLoss(temperature=3.0))]).eval()
+    assert torch.equal(without_teacher(x, teacher_output=teacher(x)).loss, online)
+
+
+def test_several_teachers_average_softened_probabilities(digits, teacher):
+    x = digits["x_train"][:16]
+    torch.manual_seed(3)
+    other = mlp(32).eval()
+    student = mlp(16, depth=1).eval()
+    temperature = 3.0
+    distiller = Distiller(
+        student, [teacher, other], [Term(KLDivLoss(temperature))], teacher_weights=[3.0, 1.0]
+    ).eval()
+    out = distiller(x)
+    p = 0.75 * torch.softmax(teacher(x) / temperature, -1) + 0.25 * torch.softmax(
+        other(x) / temperature, -1
+    )
+    log_q = torch.log_softmax(student(x) / temperature, -1)
+    expected = temperature**2 * (p * (p.log() - log_q)).sum(-1).mean()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+class TupleModel(nn.Module):
+    def __init__(self, inner: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, x):
+        z = self.inner(x)
+        if self.kind == "tuple":
+            return z, x.sum()
+        if self.kind == "dict":
+            return {"hidden": x, "logits": z}
+        return type("Out", (), {"logits": z})()
+
+
+@pytest.mark.parametrize("kind", ["tuple", "dict", "attr"])
+def test_logits_taken_from_structured_outputs(digits, teacher, kind):
+    x = digits["x_train"][:8]
+    student = mlp(16, depth=1).eval()
+    plain = Distiller(student, teacher, [Term(KLDivLoss(2.0))]).eval()
+    wrapped = Distiller(
+        TupleModel(student, kind), TupleModel(teacher, kind), [Term(KLDivLoss(2.0))]
+    ).eval()
+    assert torch.allclose(wrapped(x).loss, plain(x).loss)
+
+
+def test_feature_term_with_auto_adapter_trains_adapter(digits, teacher):
+    x = digits["x_train"][:32]
+    student = mlp(16, depth=1)
+    distiller = Distiller(
+        student,
+        teacher,
+        [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="auto")],
+        example_input=x,
+    )
+    (adapter,) = distiller.adapters.values()
+    weight = adapter.weight if hasattr(adapter, "weight") else next(adapter.parameters())
+    assert weight.shape[-1] == 16  # student width -> teacher width 128
+    assert any(p is weight for p in distiller.parameters())
+    assert any(k.startswith("adapters.") for k in distiller.state_dict())
+    before = weight.detach().clone()
+    opt = torch.optim.SGD(distiller.parameters(), lr=0.1)
+    out = distiller(x)
+    opt.zero_grad()
+    out.loss.backward()
+    opt.step()
+    assert not torch.equal(before, weight.detach())
+    assert not student._forward_hooks and not any(m._forward_hooks for m in student.modules())
+
+
+def test_hooks_api_in_plain_loop(digits, teacher):
+    torch.manual_seed(0)
+    student = mlp(16, depth=1)
+    distiller = Distiller(
+        student,
+        teacher,
+        [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="linear")],
+        example_input=digits["x_train"][:4],
+    )
+    opt = torch.optim.SGD(distiller.parameters(), lr=0.05)
+    distiller.on_train_begin()
+    x, y = digits["x_train"][:64], digits["y_train"][:64]
+    output = student(x)
+    ce = nn.functional.cross_entropy(output, y)
+    loss = distiller.on_after_compute_loss(x, output, ce)
+    assert torch.allclose(loss, ce + distiller.last_terms["mse_hidden_states"])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    distiller.on_epoch_end()
+    assert distiller.epoch == 1
+    assert any(m._forward_hooks for m in student.modules())
+    distiller.close()
+    assert not any(m._forward_hooks for m in student.modules())
+
+
+def test_hooks_removed_when_an_exception_passes(digits, teacher):
+    student = mlp(16, depth=1)
+    distiller = Distiller(
+        student, teacher, [Term(MSEHiddenStatesLoss(), student="2", teacher="2")]
+    )
+    with pytest.raises(RuntimeError):
+        distiller(digits["x_train"][:4, :10])  # wrong input width
+    assert not any(m._forward_hooks for m in student.modules())
+    assert not any(m._forward_hooks for m in teacher.modules())
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_class_count_mismatch_names_both_shapes(digits, teacher):
+    student = mlp(16, depth=1, num_classes=7)
+    distiller = Distiller(student, teacher, [Term(KLDivLoss())])
+    with pytest.raises(ValueError, match=r"10 classes.*\(4, 10\).*7.*\(4, 7\)"):
+        distiller(digits["x_train"][:4])
+
+
+def test_negative_weight_is_refused(teacher):
+    with pytest.raises(ValueError, match=r"'kl_div' has weight -1.0.*>= 0"):
+        Distiller(mlp(16), teacher, [Term(KLDivLoss(), weight=-1.0)])
+
+
+def test_negative_teacher_weight_is_refused(teacher):
+    with pytest.raises(ValueError, match=r"teacher_weights must be finite, >= 0"):
+        Distiller(mlp(16), [teacher, teacher], [Term(KLDivLoss())], teacher_weights=[1, -1])
+
+
+def test_nan_term_is_named(digits, teacher):
+    distiller = Distiller(mlp(16), teacher, {"kd": Term(KLDivLoss())}).eval()
+    x = digits["x_train"][:4].clone()
+    x[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"term 'kd' is nan"):
+        distiller(x)
+
+
+def test_unexpected_teacher_output_type_says_what_is_accepted(digits):
+    distiller = Distiller(mlp(16), None, [Term(KLDivLoss())]).eval()
+    with pytest.raises(TypeError, match=r"str"):
+        distiller(digits["x_train"][:4], teacher_output="logits please")
+
+
+def test_feature_shape_mismatch_without_adapter(digits, teacher):
+    distiller = Distiller(mlp(16), teacher, {"hid": Term(MSEHiddenStatesLoss(), "2", "2")})
+    with pytest.raises(ValueError, match=r"term 'hid'.*16.*128"):
+        distiller(digits["x_train"][:4])
+
+
+def test_adapter_without_example_input_says_how(teacher):
+    with pytest.raises(ValueError, match=r"example_input"):
+        Distiller(mlp(16), teacher, [Term(MSEHiddenStatesLoss(), "2", "2", adapter="auto")])
+
+
+def test_unknown_module_path_lists_close_names(teacher):
+    with pytest.raises(ValueError, match=r"list_modules"):
+        Distiller(mlp(16), teacher, [Term(MSEHiddenStatesLoss(), "layer9", "2")])
+
+
+def test_labels_missing_for_a_term_that_reads_them(digits, teacher):
+    distiller = Distiller(mlp(16), teacher, [Term(HintonLoss())])
+    with pytest.raises(ValueError, match=r"reads labels but target is None"):
+        distiller(digits["x_train"][:4])
