@@ -291,7 +291,7 @@ def test_hooks_removed_on_exit_with_exception():
 def test_hooks_removed_on_garbage_collection():
     model = resnet18(weights=None)
     cap = FeatureCapture(model, ["layer1", "layer2.0"])
-    model(torch.randn(1, 3, 32, 32))
+    model(torch.randn(2, 3, 32, 32))  # tensors captured by the hooks must not keep cap alive
     assert len(model.layer1._forward_hooks) == 1
     del cap
     gc.collect()

@@ -243,19 +243,19 @@ def test_unexpected_teacher_output_type_says_what_is_accepted(digits):
 
 
 def test_feature_shape_mismatch_without_adapter(digits, teacher):
-    distiller = Distiller(mlp(16), teacher, {"hid": Term(MSEHiddenStatesLoss(), "2", "2")})
+    distiller = Distiller(mlp(16), teacher, {"hid": Term(MSEHiddenStatesLoss(), student="2", teacher="2")})
     with pytest.raises(ValueError, match=r"term 'hid'.*16.*128"):
         distiller(digits["x_train"][:4])
 
 
 def test_adapter_without_example_input_says_how(teacher):
     with pytest.raises(ValueError, match=r"example_input"):
-        Distiller(mlp(16), teacher, [Term(MSEHiddenStatesLoss(), "2", "2", adapter="auto")])
+        Distiller(mlp(16), teacher, [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="auto")])
 
 
 def test_unknown_module_path_lists_close_names(teacher):
     with pytest.raises(ValueError, match=r"list_modules"):
-        Distiller(mlp(16), teacher, [Term(MSEHiddenStatesLoss(), "layer9", "2")])
+        Distiller(mlp(16), teacher, [Term(MSEHiddenStatesLoss(), student="layer9", teacher="2")])
 
 
 def test_labels_missing_for_a_term_that_reads_them(digits, teacher):

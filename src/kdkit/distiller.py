@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ class Term:
     Args:
         loss: called as ``loss(student_value, teacher_value)``, with ``target`` appended when the
             term reads labels, or as ``loss(student_value, target)`` when ``teacher`` is None.
-        weight: the term's weight in the total loss (>= 0).
+        weight: the term's weight in the total loss (>= 0). The other fields are keyword-only.
         student: ``"logits"`` or a module path (or a list of paths) of the student to read.
         teacher: ``"logits"``, a module path (or list of paths) of the teacher, or None for a term
             that only reads the student and the labels (e.g. cross-entropy on hard labels).
@@ -44,6 +44,7 @@ class Term:
 
     loss: Callable[..., Tensor]
     weight: float = 1.0
+    _: KW_ONLY
     student: str | Sequence[str] = LOGITS
     teacher: str | Sequence[str] | None = LOGITS
     name: str | None = None
@@ -84,7 +85,7 @@ def _paths(spec: str | Sequence[str] | None) -> list[str]:
 def _default_name(loss: Callable[..., Tensor]) -> str:
     cls = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", "term")
     cls = cls.removesuffix("Loss") or cls
-    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls).lower()
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

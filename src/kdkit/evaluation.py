@@ -27,6 +27,7 @@ __all__ = [
     "evaluate",
     "gap_closed",
     "measure_latency",
+    "metrics_from_logits",
     "predict",
     "size_on_disk",
 ]
@@ -146,7 +147,7 @@ def metrics_from_logits(
     teacher_logits: Tensor | None = None,
     num_bins: int = 15,
 ) -> dict[str, Any]:
-    """The metrics of :func:`evaluate`, from already computed ``logits`` [N, C] and ``targets`` [N]."""
+    """The metrics of :func:`evaluate` from precomputed ``logits`` [N, C] and ``targets`` [N]."""
     if logits.ndim != 2:
         raise ValueError(
             f"logits: got shape {tuple(logits.shape)}; expected [N, C]. "
@@ -171,7 +172,7 @@ def metrics_from_logits(
         if teacher_logits.shape != logits.shape:
             raise ValueError(
                 f"teacher_logits: got shape {tuple(teacher_logits.shape)}; expected "
-                f"{tuple(logits.shape)} (the student's logits over the same dataloader, same order)."
+                f"{tuple(logits.shape)} (the student's logits: same dataloader, same order)."
             )
         teacher_top1 = teacher_logits.argmax(dim=-1)
         agreement = float(

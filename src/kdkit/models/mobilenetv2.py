@@ -107,3 +107,9 @@ def mobilenetv2(
     num_classes: int, in_channels: int = 3, expansion: int = 6, width_mult: float = 0.5
 ) -> MobileNetV2:
     return MobileNetV2(num_classes, in_channels, expansion, width_mult)
+
+
+@register_model("mobile_half")
+def mobile_half(num_classes: int, in_channels: int = 3) -> MobileNetV2:
+    """RepDistiller's name for :func:`mobilenetv2` with its defaults."""
+    return MobileNetV2(num_classes, in_channels, 6, 0.5)

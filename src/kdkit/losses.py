@@ -1,0 +1,427 @@
+"""Distillation losses as ``nn.Module`` s: thin wrappers of :mod:`kdkit.functional`.
+
+Call ``loss(student, teacher)``, or ``loss(student, teacher, target)`` for the losses with
+``needs_target = True``. Logit losses expose ``.temperature``; hidden-state losses accept a
+Tensor or a list/tuple of Tensors (one entry per layer pair). Learnable parts (the mappings of
+:class:`MSEHiddenStatesLoss`, the regressor of :class:`FitNetsLoss`) sit on the student side and
+are registered parameters, so optimizers and checkpoints see them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdkit import functional as KF
+
+__all__ = [
+    "AttentionLoss",
+    "CosineHiddenStatesLoss",
+    "DISTLoss",
+    "DKDLoss",
+    "FitNetsLoss",
+    "GeneralizedJSDLoss",
+    "HintonLoss",
+    "KLDivLoss",
+    "MSEHiddenStatesLoss",
+    "MSELogitsLoss",
+    "PKTLoss",
+    "RKDLoss",
+    "ReverseKLDivLoss",
+]
+
+HiddenStates = Tensor | Sequence[Tensor]
+
+
+def _as_list(states: HiddenStates, who: str) -> list[Tensor]:
+    if isinstance(states, Tensor):
+        return [states]
+    if isinstance(states, (list, tuple)) and all(isinstance(s, Tensor) for s in states):
+        return list(states)
+    raise TypeError(
+        f"{who} hidden states must be a Tensor or a list/tuple of Tensors, got "
+        f"{type(states).__name__}; select the tensors from the model output first "
+        "(kdkit.capture.select_tensor)"
+    )
+
+
+def _require_target(loss: nn.Module, target: Tensor | None) -> Tensor:
+    if target is None:
+        raise ValueError(
+            f"{type(loss).__name__} needs the ground-truth target: call "
+            "loss(student_logits, teacher_logits, target)"
+        )
+    return target
+
+
+class _TokenLogitLoss(nn.Module):
+    """Shared mask / ``ignore_index`` handling for losses on ``[B, C]`` or ``[B, L, C]`` logits."""
+
+    needs_target: bool = False
+
+    def __init__(self, ignore_index: int | None = None) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def _mask(self, mask: Tensor | None, target: Tensor | None) -> Tensor | None:
+        if self.ignore_index is None or target is None:
+            return mask
+        keep = target != self.ignore_index
+        return keep if mask is None else keep & mask.to(torch.bool)
+
+
+class _KLFamilyLoss(_TokenLogitLoss):
+    def __init__(self, temperature: float = 1.0, ignore_index: int | None = None) -> None:
+        super().__init__(ignore_index)
+        self.temperature = KF.check_temperature(temperature)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, ignore_index={self.ignore_index}"
+
+
+class KLDivLoss(_KLFamilyLoss):
+    """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batchmean (Hinton et al. 2015).
+
+    Accepts ``[B, C]`` and token logits ``[B, L, C]``; ``mask`` (bool, True = keep) or, with
+    ``ignore_index`` set, ``target != ignore_index`` selects the tokens averaged over.
+    See :func:`kdkit.functional.kl_div`.
+    """
+
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        mask: Tensor | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return KF.kl_div(student, teacher, self.temperature, self._mask(mask, target))
+
+
+class ReverseKLDivLoss(_KLFamilyLoss):
+    """``T^2 * KL(softmax(z_s / T) || softmax(z_t / T))``, batchmean (MiniLLM, Gu et al. 2024).
+
+    Same inputs as :class:`KLDivLoss`. See :func:`kdkit.functional.reverse_kl_div`.
+    """
+
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        mask: Tensor | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return KF.reverse_kl_div(student, teacher, self.temperature, self._mask(mask, target))
+
+
+class GeneralizedJSDLoss(_TokenLogitLoss):
+    """Generalized JSD of GKD (Agarwal et al. 2024), TRL's convention.
+
+    ``m = beta p_t + (1 - beta) p_s``, ``T^2 * (beta KL(p_t || m) + (1 - beta) KL(p_s || m))``;
+    ``beta = 0`` is forward KL, ``beta = 1`` reverse KL. Same inputs as :class:`KLDivLoss`.
+    See :func:`kdkit.functional.generalized_jsd`.
+    """
+
+    def __init__(
+        self, beta: float = 0.5, temperature: float = 1.0, ignore_index: int | None = None
+    ) -> None:
+        super().__init__(ignore_index)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
+            raise ValueError(
+                f"beta must be a number in [0, 1], got {beta!r}; 0 = forward KL, 1 = reverse KL"
+            )
+        self.beta = float(beta)
+        self.temperature = KF.check_temperature(temperature)
+
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        mask: Tensor | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return KF.generalized_jsd(
+            student, teacher, self.beta, self.temperature, self._mask(mask, target)
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, temperature={self.temperature}"
+
+
+class MSELogitsLoss(_TokenLogitLoss):
+    """``mean((z_s - z_t)^2)``: logit matching, the high-temperature limit of Hinton's KD.
+
+    Its gradient ``2 (z_s - z_t) / (B * C)`` is twice the ``T -> inf`` gradient of
+    ``T^2 * KL`` for zero-mean logits. See :func:`kdkit.functional.mse_logits`.
+    """
+
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        mask: Tensor | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return KF.mse_logits(student, teacher, self._mask(mask, target))
+
+
+class HintonLoss(nn.Module):
+    """``alpha * CE(y, z_s) + beta * T^2 * H(softmax(z_t / T), softmax(z_s / T))``.
+
+    The combined loss of Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"
+    (hard term at ``T = 1``). See :func:`kdkit.functional.hinton_loss`.
+    """
+
+    needs_target: bool = True
+
+    def __init__(self, alpha: float = 0.1, beta: float = 0.9, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.alpha = KF._check_weight("alpha", alpha)
+        self.beta = KF._check_weight("beta", beta)
+        self.temperature = KF.check_temperature(temperature)
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        target = _require_target(self, target)
+        return KF.hinton_loss(student, teacher, target, self.alpha, self.beta, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+
+
+class DKDLoss(nn.Module):
+    """Decoupled KD (Zhao et al., CVPR 2022): ``T^2 * (alpha * TCKD + beta * NCKD)``.
+
+    TCKD: KL of the binary target / non-target distributions; NCKD: KL among the non-target
+    classes. See :func:`kdkit.functional.dkd`.
+    """
+
+    needs_target: bool = True
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.alpha = KF._check_weight("alpha", alpha)
+        self.beta = KF._check_weight("beta", beta)
+        self.temperature = KF.check_temperature(temperature)
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        target = _require_target(self, target)
+        return KF.dkd(student, teacher, target, self.alpha, self.beta, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+
+
+class DISTLoss(nn.Module):
+    """DIST (Huang et al., NeurIPS 2022): ``T^2 * (beta * inter + gamma * intra)``.
+
+    ``inter = 1 - mean Pearson over classes per sample``, ``intra = 1 - mean Pearson over the
+    batch per class``, on ``softmax(z / T)``. See :func:`kdkit.functional.dist`.
+    """
+
+    needs_target: bool = False
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.beta = KF._check_weight("beta", beta)
+        self.gamma = KF._check_weight("gamma", gamma)
+        self.temperature = KF.check_temperature(temperature)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return KF.dist(student, teacher, self.beta, self.gamma, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}"
+
+
+class MSEHiddenStatesLoss(nn.Module):
+    """Per-layer MSE between hidden states, averaged over layers (FitNets / TinyBERT hints).
+
+    ``loss = mean_l mean((f(W_l h_s,l) - f(h_t,l))^2)``: ``f`` is L2 normalisation over the
+    feature dim when ``normalize`` (last dim of ``[B, D]`` / ``[B, L, D]``, channels of
+    ``[B, C, H, W]``); ``W_l`` is the identity, or with ``need_mapping`` a learned
+    ``nn.Linear(student_hidden_state_dim, teacher_hidden_state_dim)`` (applied over channels,
+    i.e. a 1x1 conv, for 4D maps): one per layer when ``num_layers`` is given, else one shared.
+    See :func:`kdkit.functional.mse_hidden_states`.
+    """
+
+    needs_target: bool = False
+
+    def __init__(
+        self,
+        normalize: bool = False,
+        need_mapping: bool = False,
+        teacher_hidden_state_dim: int | None = None,
+        student_hidden_state_dim: int | None = None,
+        num_layers: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.need_mapping = need_mapping
+        self.teacher_hidden_state_dim = teacher_hidden_state_dim
+        self.student_hidden_state_dim = student_hidden_state_dim
+        self.num_layers = num_layers
+        self.mappings: nn.ModuleList | None = None
+        if not need_mapping:
+            return
+        if teacher_hidden_state_dim is None or student_hidden_state_dim is None:
+            raise ValueError(
+                "MSEHiddenStatesLoss(need_mapping=True) needs both dims to build the student -> "
+                f"teacher mapping, got student_hidden_state_dim={student_hidden_state_dim} and "
+                f"teacher_hidden_state_dim={teacher_hidden_state_dim}; pass both (the feature "
+                "dim: last dim of [B, L, D], channels of [B, C, H, W])"
+            )
+        if num_layers is not None and (isinstance(num_layers, bool) or num_layers < 1):
+            raise ValueError(
+                f"num_layers must be a positive int or None (one shared mapping), got {num_layers}"
+            )
+        self.mappings = nn.ModuleList(
+            nn.Linear(student_hidden_state_dim, teacher_hidden_state_dim)
+            for _ in range(num_layers or 1)
+        )
+
+    def _map(self, index: int, hidden: Tensor) -> Tensor:
+        assert self.mappings is not None
+        mapping = self.mappings[index if self.num_layers is not None else 0]
+        channel_first = hidden.dim() == 4
+        features = hidden.movedim(1, -1) if channel_first else hidden
+        if features.shape[-1] != self.student_hidden_state_dim:
+            raise ValueError(
+                f"MSEHiddenStatesLoss: student hidden state {index} has shape "
+                f"{tuple(hidden.shape)}, feature dim {features.shape[-1]}, but the mapping expects "
+                f"student_hidden_state_dim={self.student_hidden_state_dim}; fix the dim or the "
+                "layer selection"
+            )
+        mapped = mapping(features)
+        return mapped.movedim(-1, 1) if channel_first else mapped
+
+    def forward(self, student: HiddenStates, teacher: HiddenStates) -> Tensor:
+        student_list = _as_list(student, "student")
+        teacher_list = _as_list(teacher, "teacher")
+        if self.mappings is not None:
+            if self.num_layers is not None and len(student_list) != self.num_layers:
+                raise ValueError(
+                    f"MSEHiddenStatesLoss was built with num_layers={self.num_layers} mappings "
+                    f"but got {len(student_list)} student hidden states; pass one per mapping or "
+                    "set num_layers=None to share one mapping"
+                )
+            student_list = [self._map(i, s) for i, s in enumerate(student_list)]
+        return KF.mse_hidden_states(student_list, teacher_list, normalize=self.normalize)
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}, need_mapping={self.need_mapping}"
+
+
+class CosineHiddenStatesLoss(nn.Module):
+    """``mean_l mean(1 - cos(h_s,l, h_t,l))`` over the feature dim (DistilBERT, Sanh et al. 2019).
+
+    See :func:`kdkit.functional.cosine_hidden_states`.
+    """
+
+    needs_target: bool = False
+
+    def forward(self, student: HiddenStates, teacher: HiddenStates) -> Tensor:
+        return KF.cosine_hidden_states(_as_list(student, "student"), _as_list(teacher, "teacher"))
+
+
+class AttentionLoss(nn.Module):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017).
+
+    ``mean_l mean((a(F_s,l) - a(F_t,l))^2)``, ``a(F) = normalize(flatten(mean_c |F_c|^p))``;
+    larger maps are pooled to the smaller spatial size. See
+    :func:`kdkit.functional.attention_transfer`.
+    """
+
+    needs_target: bool = False
+
+    def __init__(self, p: int = 2) -> None:
+        super().__init__()
+        if p <= 0:
+            raise ValueError(f"AttentionLoss: p must be > 0, got {p}; the paper uses p=2")
+        self.p = p
+
+    def forward(self, student: HiddenStates, teacher: HiddenStates) -> Tensor:
+        return KF.attention_transfer(
+            _as_list(student, "student"), _as_list(teacher, "teacher"), p=self.p
+        )
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class PKTLoss(nn.Module):
+    """Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018).
+
+    KL between the teacher's and the student's cosine-kernel conditional probabilities over the
+    batch. See :func:`kdkit.functional.pkt`.
+    """
+
+    needs_target: bool = False
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return KF.pkt(student, teacher, self.eps)
+
+
+class RKDLoss(nn.Module):
+    """Relational KD (Park et al., CVPR 2019): distance-wise + angle-wise smooth-L1 terms.
+
+    See :func:`kdkit.functional.rkd`.
+    """
+
+    needs_target: bool = False
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
+        super().__init__()
+        self.distance_weight = KF._check_weight("distance_weight", distance_weight)
+        self.angle_weight = KF._check_weight("angle_weight", angle_weight)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return KF.rkd(student, teacher, self.distance_weight, self.angle_weight)
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
+
+
+class FitNetsLoss(nn.Module):
+    """FitNets hint loss (Romero et al., ICLR 2015): ``mean((r(h_s) - h_t)^2)``.
+
+    ``r`` is a learned regressor on the student side: a 1x1 conv (``kind="conv"``, maps
+    ``[B, C_s, H, W]``) or a linear layer (``kind="linear"``, maps the last dim of ``[B, D]`` /
+    ``[B, L, D]``) from ``student_channels`` to ``teacher_channels``.
+    """
+
+    needs_target: bool = False
+
+    def __init__(self, student_channels: int, teacher_channels: int, kind: str = "conv") -> None:
+        super().__init__()
+        if kind == "conv":
+            self.regressor: nn.Module = nn.Conv2d(student_channels, teacher_channels, 1)
+        elif kind == "linear":
+            self.regressor = nn.Linear(student_channels, teacher_channels)
+        else:
+            raise ValueError(
+                f"FitNetsLoss: kind must be 'conv' (for [B, C, H, W] maps) or 'linear' (for "
+                f"[B, D] / [B, L, D] features), got {kind!r}"
+            )
+        self.kind = kind
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        channel_dim = 1 if self.kind == "conv" else -1
+        if (self.kind == "conv" and student.dim() != 4) or (
+            student.shape[channel_dim] != self.student_channels
+        ):
+            expected = "[B, C, H, W] with C" if self.kind == "conv" else "[..., D] with D"
+            raise ValueError(
+                f"FitNetsLoss(kind={self.kind!r}) expects student features {expected} = "
+                f"{self.student_channels}, got shape {tuple(student.shape)}"
+            )
+        return KF.mse_hidden_states([self.regressor(student)], [teacher])
+
+    def extra_repr(self) -> str:
+        return f"{self.student_channels} -> {self.teacher_channels}, kind={self.kind!r}"
