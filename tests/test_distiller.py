@@ -201,9 +201,7 @@ def test_hooks_api_in_plain_loop(digits, teacher):
 
 def test_hooks_removed_when_an_exception_passes(digits, teacher):
     student = mlp(16, depth=1)
-    distiller = Distiller(
-        student, teacher, [Term(MSEHiddenStatesLoss(), student="2", teacher="2")]
-    )
+    distiller = Distiller(student, teacher, [Term(MSEHiddenStatesLoss(), student="2", teacher="2")])
     with pytest.raises(RuntimeError):
         distiller(digits["x_train"][:4, :10])  # wrong input width
     assert not any(m._forward_hooks for m in student.modules())
@@ -243,14 +241,20 @@ def test_unexpected_teacher_output_type_says_what_is_accepted(digits):
 
 
 def test_feature_shape_mismatch_without_adapter(digits, teacher):
-    distiller = Distiller(mlp(16), teacher, {"hid": Term(MSEHiddenStatesLoss(), student="2", teacher="2")})
+    distiller = Distiller(
+        mlp(16), teacher, {"hid": Term(MSEHiddenStatesLoss(), student="2", teacher="2")}
+    )
     with pytest.raises(ValueError, match=r"term 'hid'.*16.*128"):
         distiller(digits["x_train"][:4])
 
 
 def test_adapter_without_example_input_says_how(teacher):
     with pytest.raises(ValueError, match=r"example_input"):
-        Distiller(mlp(16), teacher, [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="auto")])
+        Distiller(
+            mlp(16),
+            teacher,
+            [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="auto")],
+        )
 
 
 def test_unknown_module_path_lists_close_names(teacher):

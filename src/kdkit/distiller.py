@@ -62,7 +62,9 @@ class Term:
 
     @property
     def reads_target(self) -> bool:
-        return bool(getattr(self.loss, "needs_target", False)) if self.target is None else self.target
+        return (
+            bool(getattr(self.loss, "needs_target", False)) if self.target is None else self.target
+        )
 
 
 @dataclass
@@ -110,8 +112,9 @@ class Distiller(nn.Module):
     ``state_dict()`` and not wrapped by DDP; ``.to()`` / ``.cuda()`` still move it.
 
     With several teachers, logit terms see the weighted average of the teachers' softened
-    probabilities at the term's temperature T (Hinton et al. 2015, §4): the teacher logits handed
-    to the loss are ``T · log Σ_k w_k softmax(z_k / T)``, whose softmax at T is exactly that average.
+    probabilities at the term's temperature T (Hinton et al. 2015, §4): the teacher logits
+    handed to the loss are ``T · log Σ_k w_k softmax(z_k / T)``, whose softmax at T is exactly
+    that average.
 
     Args:
         student: the model to train; ``distiller.student`` stays the plain module (no hooks
@@ -195,9 +198,7 @@ class Distiller(nn.Module):
                 "per teacher."
             )
         if any(v < 0 or not math.isfinite(v) for v in w) or sum(w) <= 0:
-            raise ValueError(
-                f"teacher_weights must be finite, >= 0 and not all 0, got {w}."
-            )
+            raise ValueError(f"teacher_weights must be finite, >= 0 and not all 0, got {w}.")
         return torch.tensor(w) / sum(w)
 
     @staticmethod
@@ -207,8 +208,8 @@ class Distiller(nn.Module):
         for key, term in items:
             if not isinstance(term, Term):
                 raise TypeError(
-                    f"terms must hold kdkit.Term objects, got {type(term).__name__}; wrap the loss: "
-                    "Term(loss, weight=...)."
+                    f"terms must hold kdkit.Term objects, got {type(term).__name__}; wrap the "
+                    "loss: Term(loss, weight=...)."
                 )
             name = key or term.name or _default_name(term.loss)
             base, i = name, 1
@@ -302,7 +303,7 @@ class Distiller(nn.Module):
         return list(self._teachers)
 
     def teacher_logits(self, inputs: Any) -> Tensor:
-        """The teachers' logits for ``inputs`` (eval mode, no grad); several are ensembled at T=1."""
+        """The teachers' logits for ``inputs`` (eval mode, no grad), several ensembled at T=1."""
         outputs = []
         with torch.no_grad():
             for teacher in self._teachers:
@@ -453,9 +454,9 @@ class Distiller(nn.Module):
             return teacher_logits[0]
         n = len(teacher_logits)
         w = self._teacher_weights
-        log_w = (
-            torch.full((n,), -math.log(n)) if w is None else torch.log(w)
-        ).to(teacher_logits[0].device, teacher_logits[0].dtype)
+        log_w = (torch.full((n,), -math.log(n)) if w is None else torch.log(w)).to(
+            teacher_logits[0].device, teacher_logits[0].dtype
+        )
         log_p = torch.stack([torch.log_softmax(t / temperature, dim=-1) for t in teacher_logits])
         log_w = log_w.view(n, *([1] * (log_p.dim() - 1)))
         return temperature * torch.logsumexp(log_w + log_p, dim=0)
