@@ -3,7 +3,7 @@
 Layout of a cache directory ``path``::
 
     path/meta.json          shapes, dtypes, top_k, fingerprint, sha256 per array, samples done
-    path/logits.npy         dense: [K, N, *S] float32 (or float16)           (S = per-sample shape,
+    path/logits.npy         dense: [K, N, *S] float32 (or float16); S = per-sample logits shape
     path/topk_logp.npy      top-k: [K, N, *S[:-1], k] log-probabilities (float16 by default)
     path/topk_index.npy            [K, N, *S[:-1], k] class indices (int16 if C < 2**15, else int32)
     path/topk_tail.npy             [K, N, *S[:-1]]    tail mass 1 - sum(top-k probs), float32
@@ -324,7 +324,8 @@ def _check_indexed(dataset: Dataset, n: int) -> None:
         got = _index_of(item)
         if got != i:
             shape = (
-                f"a tuple of {len(item)} items" if isinstance(item, (tuple, list))
+                f"a tuple of {len(item)} items"
+                if isinstance(item, (tuple, list))
                 else type(item).__name__
             )
             detail = f"index {got}" if got is not None else shape
@@ -355,7 +356,9 @@ def _check_replayable(dataset: Dataset, n: int, epochs: int) -> None:
             if _sample_hash(dataset[i]) != _sample_hash(dataset[i]):
                 where = (
                     "inside SeededViews (the base dataset or transform uses an RNG that is not "
-                    "torch's, Python's or NumPy's global one)" if views is not None else ""
+                    "torch's, Python's or NumPy's global one)"
+                    if views is not None
+                    else ""
                 )
                 raise ValueError(
                     f"TeacherCache: dataset[{i}] returned different inputs on two reads{where}: "
@@ -558,9 +561,7 @@ class TeacherCache:
         features were cached; tensors are on ``index``'s device when it is a tensor.
         """
         device = index.device if isinstance(index, Tensor) else torch.device("cpu")
-        idx = (
-            index.detach().to("cpu").numpy() if isinstance(index, Tensor) else np.asarray(index)
-        )
+        idx = index.detach().to("cpu").numpy() if isinstance(index, Tensor) else np.asarray(index)
         if idx.dtype.kind not in "iu":
             raise TypeError(
                 f"TeacherCache.teacher_output: index must hold integers, got dtype {idx.dtype}"
@@ -688,7 +689,8 @@ class TeacherCache:
                 )
         if problems:
             raise ValueError(
-                f"TeacherCache at {self.path} does not match: " + "; ".join(problems)
+                f"TeacherCache at {self.path} does not match: "
+                + "; ".join(problems)
                 + f". Its outputs would be wrong for this run; {_REBUILD_HINT} with this "
                 "teacher, dataset and transform (or pass the matching transform_id)"
             )
@@ -706,7 +708,7 @@ class TeacherCache:
         top_k: int | None = None,
         batch_size: int = 256,
         epochs: int = 1,
-        seed: int = 0,
+        seed: int | None = None,
         transform_id: str | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -718,7 +720,8 @@ class TeacherCache:
         """Run ``teacher`` (eval, no_grad) over ``dataset`` once per view and store the outputs.
 
         ``dataset`` yields ``(x, y, index)``; ``epochs = K`` views need a :class:`SeededViews`
-        with ``num_views=K`` (``seed`` is recorded; the views' seed is the SeededViews'). The
+        with ``num_views=K``. ``seed`` is the views' seed: None takes the SeededViews' own (0
+        without one); a value that differs from the SeededViews' seed is refused. The
         teacher is moved to ``device``. ``dtype`` is the storage dtype of dense logits and
         features (float32 or float16), ``topk_dtype`` that of top-k log-probabilities.
         Progress is flushed every ``checkpoint_every`` batches to ``.<name>.partial/`` next to
@@ -731,8 +734,11 @@ class TeacherCache:
             raise ValueError(
                 f"TeacherCache.build: top_k must be a positive int or None, got {top_k!r}"
             )
-        for name, value in (("batch_size", batch_size), ("epochs", epochs),
-                            ("checkpoint_every", checkpoint_every)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("epochs", epochs),
+            ("checkpoint_every", checkpoint_every),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(
                     f"TeacherCache.build: {name} must be a positive int, got {value!r}"
@@ -750,6 +756,14 @@ class TeacherCache:
         features = list(features or [])
         _check_indexed(dataset, n)
         _check_replayable(dataset, n, epochs)
+        views = _find_seeded_views(dataset)
+        if views is not None and seed is not None and int(seed) != views.seed:
+            raise ValueError(
+                f"TeacherCache.build: seed={seed} but the dataset's SeededViews has seed="
+                f"{views.seed}; the cache records the seed the student replays its views with, "
+                "so they must agree: pass seed=None or the SeededViews' seed"
+            )
+        seed = views.seed if views is not None else int(seed or 0)
         fingerprint = _fingerprint(teacher, dataset, transform_id)
         settings = {
             "num_samples": n,
@@ -800,9 +814,20 @@ class TeacherCache:
 
             capture = FeatureCapture(teacher, features)
         try:
-            meta = cls._run(teacher, dataset, tmp, state, settings, capture, device,
-                            dtype, topk_dtype, logits or _default_logits, num_workers,
-                            checkpoint_every)
+            meta = cls._run(
+                teacher,
+                dataset,
+                tmp,
+                state,
+                settings,
+                capture,
+                device,
+                dtype,
+                topk_dtype,
+                logits or _default_logits,
+                num_workers,
+                checkpoint_every,
+            )
         finally:
             if capture is not None:
                 capture.close()
@@ -867,13 +892,17 @@ class TeacherCache:
                 logits_shape=logits_shape,
                 features={},
                 arrays={},
+                fingerprint=settings["fingerprint"],
                 settings=settings,
             )
             for i, p in enumerate(settings["features"]):
                 meta["features"][p] = f"feat_{i:03d}"
             for name, value in outputs.items():
-                info = {"file": f"{name}.npy", "dtype": str(value.dtype),
-                        "shape": [k_views, n, *value.shape[1:]]}
+                info = {
+                    "file": f"{name}.npy",
+                    "dtype": str(value.dtype),
+                    "shape": [k_views, n, *value.shape[1:]],
+                }
                 meta["arrays"][name] = info
                 arrays[name] = np.lib.format.open_memmap(
                     tmp / info["file"], mode="w+", dtype=value.dtype, shape=tuple(info["shape"])
@@ -886,7 +915,9 @@ class TeacherCache:
             start = max(0, rows_done - view * n)
             with _at_view(dataset, view):
                 loader = DataLoader(
-                    dataset, batch_size=batch_size, sampler=range(start, n),
+                    dataset,
+                    batch_size=batch_size,
+                    sampler=range(start, n),
                     num_workers=num_workers,
                 )
                 batches_since_save = 0
@@ -927,9 +958,7 @@ class TeacherCache:
                                     f"TeacherCache.build: feature {p!r} was not captured in the "
                                     "teacher's forward (the module did not run)"
                                 )
-                            outputs[f"feat_{i:03d}"] = (
-                                feats[p].detach().to("cpu", dtype).numpy()
-                            )
+                            outputs[f"feat_{i:03d}"] = feats[p].detach().to("cpu", dtype).numpy()
                     if not arrays:
                         allocate(outputs, list(z.shape[1:]))
                     for name, value in outputs.items():
@@ -941,7 +970,7 @@ class TeacherCache:
                                 f"{list(arr.shape[2:])} earlier; the cache needs a fixed shape "
                                 "per sample (pad variable-length inputs to one length)"
                             )
-                        arr[view, pos:pos + len(value)] = value
+                        arr[view, pos : pos + len(value)] = value
                     pos += len(index)
                     batches_since_save += 1
                     if batches_since_save >= checkpoint_every:

@@ -298,24 +298,26 @@ def hinton_loss(
     ``loss = alpha * H(y, softmax(z_s)) + beta * T^2 * H(softmax(z_t / T), softmax(z_s / T))``:
     the hard "student loss" at ``T = 1`` plus the soft cross-entropy with the teacher.
 
-    ``target`` holds class indices shaped like the logits without the class dim (entries equal
-    to -100 are ignored in both terms, as in ``F.cross_entropy``), or class probabilities shaped
-    like the logits (e.g. from mixup).
+    ``target`` holds class indices shaped like the logits without the class dim, or class
+    probabilities shaped like the logits (e.g. from mixup). Negative indices mark samples without
+    a label (kdkit's unlabeled transfer sets use -1): they get the soft term only, the hard term
+    averages over the labelled ones. -100 (``F.cross_entropy``'s ignore_index, padding tokens)
+    drops the sample / token from both terms.
     """
     alpha = _check_weight("alpha", alpha)
     beta = _check_weight("beta", beta)
     log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
     log_q = F.log_softmax(_upcast(student_logits), dim=-1)
     if target.dtype.is_floating_point and target.shape == student_logits.shape:
-        mask = None
+        labeled = mask = None
         hard = -(target.to(log_q.dtype) * log_q).sum(dim=-1)
     else:
         _check_hard_target(target, student_logits)
-        mask = target != -100
-        safe_target = torch.where(mask, target, torch.zeros_like(target))
+        labeled, mask = target >= 0, target != -100
+        safe_target = torch.where(labeled, target, torch.zeros_like(target))
         hard = -log_q.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
     soft = _cross_entropy_rows(log_p_t, log_p_s)
-    return alpha * _masked_mean(hard, mask) + beta * temperature**2 * _masked_mean(soft, mask)
+    return alpha * _masked_mean(hard, labeled) + beta * temperature**2 * _masked_mean(soft, mask)
 
 
 def mse_logits(
@@ -351,20 +353,21 @@ def dkd(
 
     ``loss = T^2 * mean_n (alpha * TCKD + beta * NCKD)``. mdistiller removes the target class
     from NCKD by subtracting 1000 from its logit; kdkit drops it exactly (same value in float32
-    unless logits / T span more than ~100).
+    unless logits / T span more than ~100). Samples with a negative label (unlabeled, or
+    ignore_index -100) have no target class and are left out of the mean.
     """
     alpha = _check_weight("alpha", alpha)
     beta = _check_weight("beta", beta)
     log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
     _check_hard_target(target, student_logits)
     num_classes = student_logits.shape[-1]
-    if target.numel() and (int(target.min()) < 0 or int(target.max()) >= num_classes):
+    if target.numel() and int(target.max()) >= num_classes:
         raise ValueError(
-            f"dkd: target holds class indices in [{int(target.min())}, {int(target.max())}] "
-            f"but the logits have {num_classes} classes; DKD needs a valid class for every "
-            "sample (no ignore_index)"
+            f"dkd: target holds class index {int(target.max())} but the logits have "
+            f"{num_classes} classes (valid: 0..{num_classes - 1}, negative = unlabeled)"
         )
-    gt = F.one_hot(target.long(), num_classes).bool()
+    labeled = target >= 0
+    gt = F.one_hot(torch.where(labeled, target, 0).long(), num_classes).bool()
     neg_inf = torch.full_like(log_p_s, float("-inf"))
 
     def binary(log_p: Tensor) -> Tensor:
@@ -380,7 +383,7 @@ def dkd(
         non_target_t - non_target_t.logsumexp(dim=-1, keepdim=True),
         non_target_s - non_target_s.logsumexp(dim=-1, keepdim=True),
     )
-    return temperature**2 * (alpha * tckd + beta * nckd).mean()
+    return temperature**2 * _masked_mean(alpha * tckd + beta * nckd, labeled)
 
 
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:

@@ -287,7 +287,7 @@ def _row(e: ModelReport) -> list[str]:
         _fmt(e.agreement, ".2f", 100.0),
         _fmt(e.ece, ".4f"),
         _fmt(e.nll, ".4f"),
-        _fmt(e.params, ",d") if e.params is not None else "–",
+        f"{int(e.params):,d}" if e.params is not None else "–",
         _fmt(e.size_bytes, ".2f", 1e-6),
         _fmt(e.latency_ms_per_sample, ".3f"),
         _fmt(e.latency_ms_per_batch, ".3f"),
@@ -352,7 +352,8 @@ def _markdown(entries: Sequence[ModelReport], title: str, plots: Sequence[str]) 
         lines.extend(sentences)
         lines.append("")
     lines.append(
-        "Accuracy and agreement (top-1 agreement with the teacher) in %, ECE with 15 bins (L1), "
+        "Accuracy and agreement (top-1 agreement with the teacher) in %, ECE over equal-width "
+        "confidence bins (L1), "
         "latency is the median CPU time in milliseconds; speed-up is per sample, against the "
         "teacher."
     )

@@ -102,7 +102,14 @@ def build_cifar10(
     split_seed: int = 0,
 ) -> DataSplits:
     return _build(
-        datasets.CIFAR10, 10, CIFAR10_MEAN, CIFAR10_STD, root, download, augment, val_size,
+        datasets.CIFAR10,
+        10,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        root,
+        download,
+        augment,
+        val_size,
         split_seed,
     )
 
@@ -116,6 +123,13 @@ def build_cifar100(
     split_seed: int = 0,
 ) -> DataSplits:
     return _build(
-        datasets.CIFAR100, 100, CIFAR100_MEAN, CIFAR100_STD, root, download, augment, val_size,
+        datasets.CIFAR100,
+        100,
+        CIFAR100_MEAN,
+        CIFAR100_STD,
+        root,
+        download,
+        augment,
+        val_size,
         split_seed,
     )

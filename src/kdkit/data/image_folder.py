@@ -20,7 +20,7 @@ from pathlib import Path
 from torchvision import datasets
 from torchvision import transforms as T
 
-from kdkit.data.registry import DataSplits, DatasetMeta, register_dataset
+from kdkit.data.registry import DatasetMeta, DataSplits, register_dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import TensorDataset
 
-from kdkit.data.registry import DataSplits, DatasetMeta, register_dataset
+from kdkit.data.registry import DatasetMeta, DataSplits, register_dataset
 
 
 class _Tensors(TensorDataset):
@@ -32,7 +32,7 @@ def build_synthetic(
     size: int = 512,
     val_size: int = 128,
     test_size: int = 128,
-    separation: float = 3.0,
+    separation: float = 4.0,
     noise: float = 1.0,
     seed: int = 0,
 ) -> DataSplits:

@@ -25,7 +25,7 @@ def _replace_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
                 stride=module.stride,
                 padding=module.padding,
                 dilation=module.dilation,
-                groups=1 if module.groups == module.in_channels and module.groups > 1 else module.groups,
+                groups=1,
                 bias=module.bias is not None,
                 padding_mode=module.padding_mode,
             )

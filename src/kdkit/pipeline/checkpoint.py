@@ -1,0 +1,201 @@
+"""Model files and atomic checkpoints.
+
+A kdkit model file (``model.pt``) holds the model's spec (registry name, kwargs, class count,
+input shape) beside its ``state_dict``, so :func:`load_model` rebuilds it as its own class
+without the config that trained it. Lightning checkpoints written by the pipeline carry the
+same spec (``checkpoint["kdkit_model"]``) and hold the student and its adapters, never the
+teacher (the Distiller does not register it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from torch import nn
+
+from kdkit.report import atomic_path
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "ModelSpecCallback",
+    "load_model",
+    "load_model_file",
+    "save_model",
+]
+
+FORMAT = "kdkit-model"
+FORMAT_VERSION = 1
+# Lightning modules store the model under these prefixes: ClassifierModule.net,
+# DistillationModule.distiller.student.
+_PREFIXES = ("net.", "distiller.student.")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning CheckpointIO whose files appear whole or not at all.
+
+    Writes go to a temporary file in the checkpoint's directory, are fsync-ed, and are moved
+    into place with ``os.replace``; an interrupted save leaves the previous checkpoint intact.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"AtomicCheckpointIO does not take storage_options (got {storage_options!r}); "
+                "it writes local files only."
+            )
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+class ModelSpecCallback(L.Callback):
+    """Stores the model spec in every Lightning checkpoint (``checkpoint["kdkit_model"]``)."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.spec = dict(spec)
+
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["kdkit_model"] = dict(self.spec)
+
+
+def model_spec(
+    name: str,
+    kwargs: Mapping[str, Any],
+    num_classes: int,
+    input_shape: tuple[int, ...],
+    role: str | None = None,
+) -> dict[str, Any]:
+    """What :func:`load_model` needs to rebuild a registry model."""
+    return {
+        "name": name,
+        "kwargs": _plain(kwargs),
+        "num_classes": int(num_classes),
+        "input_shape": [int(s) for s in input_shape],
+        "role": role,
+    }
+
+
+def _plain(value: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    from kdkit.models import create_model
+
+    c, h, w = spec["input_shape"]
+    return create_model(
+        spec["name"],
+        num_classes=int(spec["num_classes"]),
+        in_channels=int(c),
+        image_size=(int(h), int(w)),
+        **dict(spec.get("kwargs") or {}),
+    )
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    spec: Mapping[str, Any],
+    *,
+    adapters: nn.Module | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``{spec, state_dict[, adapters]}`` atomically to ``path``; returns the path."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "spec": dict(spec),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "adapters": (
+            {k: v.detach().cpu() for k, v in adapters.state_dict().items()}
+            if adapters is not None and len(adapters.state_dict())
+            else None
+        ),
+        "metadata": dict(metadata or {}),
+    }
+    final = Path(path)
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return final
+
+
+def load_model_file(path: str | os.PathLike[str], *, what: str = "model file") -> dict[str, Any]:
+    """Read a model file or a pipeline Lightning checkpoint as ``{spec, state_dict, ...}``."""
+    p = Path(path)
+    if not p.is_file():
+        hint = "" if p.suffix else " (a model file is a .pt or .ckpt file)"
+        raise FileNotFoundError(
+            f"{what} {str(p)!r} does not exist{hint}; pass the model.pt (or checkpoints/last.ckpt)"
+            " that `kdkit train` / `kdkit run` wrote under runs/<experiment>/<time>/<stage>/."
+        )
+    try:
+        # Our own files hold only tensors and plain containers: weights_only is enough.
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"{what} {str(p)!r} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it is "
+            "truncated or not a torch file. Re-create it with `kdkit train`."
+        ) from exc
+    if isinstance(data, Mapping) and data.get("format") == FORMAT:
+        return dict(data)
+    if isinstance(data, Mapping) and "kdkit_model" in data and "state_dict" in data:
+        state = {}
+        adapters = {}
+        for key, value in data["state_dict"].items():
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    state[key[len(prefix) :]] = value
+                    break
+            else:
+                if key.startswith("distiller.adapters."):
+                    adapters[key[len("distiller.adapters.") :]] = value
+        return {
+            "format": FORMAT,
+            "spec": dict(data["kdkit_model"]),
+            "state_dict": state,
+            "adapters": adapters or None,
+            "metadata": {"epoch": data.get("epoch"), "global_step": data.get("global_step")},
+        }
+    keys = sorted(data)[:8] if isinstance(data, Mapping) else type(data).__name__
+    raise ValueError(
+        f"{what} {str(p)!r} is not a kdkit model file (found {keys}); kdkit reads the model.pt "
+        "and checkpoints/*.ckpt files that its pipeline writes, which store the model spec "
+        "beside the weights."
+    )
+
+
+def load_model(path: str | os.PathLike[str], *, what: str = "model file") -> nn.Module:
+    """Rebuild the model saved at ``path`` (model.pt or a pipeline .ckpt) as its own class.
+
+    The result is in eval mode, on the CPU; the spec is on ``model.kdkit_spec``.
+    """
+    data = load_model_file(path, what=what)
+    model = build_from_spec(data["spec"])
+    missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{what} {str(path)!r} does not match model {data['spec']['name']!r}: missing keys "
+            f"{missing[:5]}, unexpected keys {unexpected[:5]}; the file was written for another "
+            "architecture."
+        )
+    model.kdkit_spec = dict(data["spec"])  # type: ignore[assignment]
+    return model.eval()

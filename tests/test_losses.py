@@ -1,0 +1,382 @@
+"""Tests for the nn.Module wrappers in kdkit.losses: values, masks, mappings, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdkit import losses as L
+
+
+def np_softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    e = np.exp(z / temperature - (z / temperature).max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.sum(p * (np.log(p) - np.log(q)), axis=-1)
+
+
+@pytest.fixture
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(10)
+    return (
+        torch.randn(5, 8, generator=g, dtype=torch.float64),
+        torch.randn(5, 8, generator=g, dtype=torch.float64),
+    )
+
+
+@pytest.fixture
+def tokens() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[3, 1, -100, -100], [-100, 5, 0, 2]])
+    return s, t, labels
+
+
+# ---------------------------------------------------------------------------------------------
+# class attributes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_needs_target_and_temperature_attributes():
+    assert L.HintonLoss.needs_target and L.DKDLoss.needs_target
+    for cls in [
+        L.KLDivLoss,
+        L.ReverseKLDivLoss,
+        L.GeneralizedJSDLoss,
+        L.MSELogitsLoss,
+        L.DISTLoss,
+        L.MSEHiddenStatesLoss,
+        L.CosineHiddenStatesLoss,
+        L.AttentionLoss,
+        L.PKTLoss,
+        L.RKDLoss,
+        L.FitNetsLoss,
+    ]:
+        assert cls.needs_target is False, cls.__name__
+    for loss in [
+        L.KLDivLoss(3),
+        L.ReverseKLDivLoss(3),
+        L.GeneralizedJSDLoss(0.5, 3),
+        L.HintonLoss(temperature=3),
+        L.DKDLoss(temperature=3),
+        L.DISTLoss(temperature=3),
+    ]:
+        assert loss.temperature == 3.0 and isinstance(loss.temperature, float)
+
+
+# ---------------------------------------------------------------------------------------------
+# logit losses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_kl_div_loss_known_answer(pair):
+    s, t = pair
+    expected = 4.0 * np.mean(np_kl_rows(np_softmax(t.numpy(), 2), np_softmax(s.numpy(), 2)))
+    assert L.KLDivLoss(temperature=2.0)(s, t).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_kl_div_loss_token_mask_and_ignore_index(tokens):
+    s, t, labels = tokens
+    keep = (labels != -100).numpy()
+    per_token = np_kl_rows(np_softmax(t.numpy(), 1.5), np_softmax(s.numpy(), 1.5))
+    expected = 1.5**2 * per_token[keep].sum() / keep.sum()
+
+    by_mask = L.KLDivLoss(1.5)(s, t, mask=labels != -100)
+    by_ignore = L.KLDivLoss(1.5, ignore_index=-100)(s, t, target=labels)
+    assert by_mask.item() == pytest.approx(expected, rel=1e-10)
+    assert by_ignore.item() == pytest.approx(expected, rel=1e-10)
+    # Without a mask every token counts.
+    assert L.KLDivLoss(1.5)(s, t).item() == pytest.approx(1.5**2 * per_token.mean(), rel=1e-10)
+    # mask and ignore_index combine: only tokens kept by both.
+    extra = torch.ones(2, 4, dtype=torch.bool)
+    extra[1, 1] = False
+    both = L.KLDivLoss(1.5, ignore_index=-100)(s, t, mask=extra, target=labels)
+    keep2 = keep & extra.numpy()
+    assert both.item() == pytest.approx(1.5**2 * per_token[keep2].mean(), rel=1e-10)
+
+
+def test_reverse_kl_loss_known_answer(tokens):
+    s, t, labels = tokens
+    keep = (labels != -100).numpy()
+    per_token = np_kl_rows(np_softmax(s.numpy()), np_softmax(t.numpy()))
+    value = L.ReverseKLDivLoss(ignore_index=-100)(s, t, target=labels)
+    assert value.item() == pytest.approx(per_token[keep].mean(), rel=1e-10)
+    assert not isinstance(L.ReverseKLDivLoss(), L.KLDivLoss)
+
+
+def test_generalized_jsd_loss_endpoints_and_middle(pair):
+    s, t = pair
+    assert L.GeneralizedJSDLoss(0.0, 2.0)(s, t).item() == pytest.approx(
+        L.KLDivLoss(2.0)(s, t).item(), rel=1e-12
+    )
+    assert L.GeneralizedJSDLoss(1.0, 2.0)(s, t).item() == pytest.approx(
+        L.ReverseKLDivLoss(2.0)(s, t).item(), rel=1e-12
+    )
+    p_t, p_s = np_softmax(t.numpy(), 2), np_softmax(s.numpy(), 2)
+    m = 0.25 * p_t + 0.75 * p_s
+    expected = 4.0 * np.mean(0.25 * np_kl_rows(p_t, m) + 0.75 * np_kl_rows(p_s, m))
+    assert L.GeneralizedJSDLoss(0.25, 2.0)(s, t).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_hinton_loss_known_answer(pair):
+    s, t = pair
+    y = torch.tensor([0, 7, 3, 3, 1])
+    hard = np.mean(-np.log(np_softmax(s.numpy())[np.arange(5), y.numpy()]))
+    soft = np.mean(-np.sum(np_softmax(t.numpy(), 4) * np.log(np_softmax(s.numpy(), 4)), axis=-1))
+    expected = 0.1 * hard + 0.9 * 16 * soft
+    assert L.HintonLoss()(s, t, y).item() == pytest.approx(expected, rel=1e-10)
+    # The hard term is plain cross-entropy at T = 1.
+    only_hard = L.HintonLoss(alpha=1.0, beta=0.0)(s, t, y)
+    assert only_hard.item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-12)
+
+
+def test_mse_logits_loss_known_answer_and_gradient(pair):
+    s, t = pair
+    s = s.clone().requires_grad_(True)
+    value = L.MSELogitsLoss()(s, t)
+    assert value.item() == pytest.approx(np.mean((s.detach().numpy() - t.numpy()) ** 2), rel=1e-12)
+    value.backward()
+    torch.testing.assert_close(s.grad, 2 * (s.detach() - t) / s.numel())
+
+
+def test_dkd_loss_known_answer(pair):
+    s, t = pair
+    y = torch.tensor([4, 0, 7, 2, 2])
+    temp = 4.0
+    total = 0.0
+    for zs, zt, g in zip(s.numpy(), t.numpy(), y.tolist(), strict=True):
+        ps, pt = np_softmax(zs, temp), np_softmax(zt, temp)
+        tckd = np_kl_rows(np.array([pt[g], 1 - pt[g]]), np.array([ps[g], 1 - ps[g]]))
+        rest = np.arange(8) != g
+        nckd = np_kl_rows(np_softmax(zt[rest], temp), np_softmax(zs[rest], temp))
+        total += temp**2 * (1.0 * tckd + 8.0 * nckd)
+    assert L.DKDLoss()(s, t, y).item() == pytest.approx(total / 5, rel=1e-9)
+
+
+def test_dist_loss_known_answer(pair):
+    s, t = pair
+    y_s, y_t = np_softmax(s.numpy(), 3), np_softmax(t.numpy(), 3)
+
+    def one_minus_pearson(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return 1 - np.dot(a, b) / math.sqrt(np.dot(a, a) * np.dot(b, b))
+
+    inter = np.mean([one_minus_pearson(a, b) for a, b in zip(y_s, y_t, strict=True)])
+    intra = np.mean([one_minus_pearson(a, b) for a, b in zip(y_s.T, y_t.T, strict=True)])
+    expected = 9 * (2.0 * inter + 0.5 * intra)
+    assert L.DISTLoss(2.0, 0.5, 3.0)(s, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("cls", [L.HintonLoss, L.DKDLoss])
+def test_missing_target_error(pair, cls):
+    s, t = pair
+    with pytest.raises(ValueError, match=rf"{cls.__name__} needs the ground-truth target"):
+        cls()(s, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# hidden-state losses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mse_hidden_states_loss_tensor_and_list():
+    g = torch.Generator().manual_seed(12)
+    s = [torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)]
+    t = [torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)]
+    per_layer = [((a - b) ** 2).sum().item() / a.numel() for a, b in zip(s, t, strict=True)]
+    assert L.MSEHiddenStatesLoss()(s, t).item() == pytest.approx(np.mean(per_layer), rel=1e-6)
+    assert L.MSEHiddenStatesLoss()(tuple(s), tuple(t)).item() == pytest.approx(
+        np.mean(per_layer), rel=1e-6
+    )
+    assert L.MSEHiddenStatesLoss()(s[0], t[0]).item() == pytest.approx(per_layer[0], rel=1e-6)
+
+
+def test_mse_hidden_states_normalize_4d_uses_channel_dim():
+    g = torch.Generator().manual_seed(13)
+    s = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 2, 2, generator=g, dtype=torch.float64)
+    total = 0.0
+    for b in range(2):
+        for i in range(2):
+            for j in range(2):
+                u = s[b, :, i, j] / s[b, :, i, j].norm()
+                v = t[b, :, i, j] / t[b, :, i, j].norm()
+                total += ((u - v) ** 2).sum().item()
+    value = L.MSEHiddenStatesLoss(normalize=True)(s, t)
+    assert value.item() == pytest.approx(total / s.numel(), rel=1e-10)
+
+
+@pytest.mark.parametrize("num_layers", [None, 2])
+def test_mse_hidden_states_mapping_student_to_teacher(num_layers):
+    loss = L.MSEHiddenStatesLoss(
+        need_mapping=True,
+        student_hidden_state_dim=4,
+        teacher_hidden_state_dim=6,
+        num_layers=num_layers,
+    )
+    linears = [m for m in loss.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == (num_layers or 1)
+    assert all(m.in_features == 4 and m.out_features == 6 for m in linears)
+
+    g = torch.Generator().manual_seed(14)
+    s = [torch.randn(2, 5, 4, generator=g), torch.randn(2, 4, 3, 3, generator=g)]
+    t = [torch.randn(2, 5, 6, generator=g), torch.randn(2, 6, 3, 3, generator=g)]
+    value = loss(s, t)
+    value.backward()
+    for p in loss.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+    # Known answer: the mapping is a Linear on the last dim, a 1x1 conv on 4D channels.
+    with torch.no_grad():
+        first = linears[0]
+        second = linears[-1]
+        mapped0 = s[0] @ first.weight.T + first.bias
+        mapped1 = F.conv2d(s[1], second.weight[:, :, None, None], second.bias)
+        expected = (F.mse_loss(mapped0, t[0]) + F.mse_loss(mapped1, t[1])) / 2
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_mse_hidden_states_mapping_errors():
+    with pytest.raises(ValueError, match=r"need_mapping=True\) needs both dims.*=None"):
+        L.MSEHiddenStatesLoss(need_mapping=True, teacher_hidden_state_dim=8)
+    loss = L.MSEHiddenStatesLoss(
+        need_mapping=True, student_hidden_state_dim=4, teacher_hidden_state_dim=6, num_layers=2
+    )
+    with pytest.raises(ValueError, match="num_layers=2 mappings but got 1"):
+        loss([torch.randn(2, 4)], [torch.randn(2, 6)])
+    with pytest.raises(ValueError, match=r"hidden state 1 has shape \(2, 5\).*=4"):
+        loss([torch.randn(2, 4), torch.randn(2, 5)], [torch.randn(2, 6), torch.randn(2, 6)])
+
+
+def test_mse_hidden_states_shape_mismatch_suggests_mapping():
+    with pytest.raises(
+        ValueError,
+        match=r"hidden state 0 has student shape \(2, 3, 4\) but teacher shape \(2, 3, 8\).*"
+        r"need_mapping=True.*adapter",
+    ):
+        L.MSEHiddenStatesLoss()([torch.randn(2, 3, 4)], [torch.randn(2, 3, 8)])
+    with pytest.raises(ValueError, match="2 student hidden states but 1 teacher"):
+        L.MSEHiddenStatesLoss()([torch.randn(2, 4)] * 2, [torch.randn(2, 4)])
+    with pytest.raises(TypeError, match="student hidden states must be a Tensor or a list"):
+        L.MSEHiddenStatesLoss()({"a": torch.randn(2, 4)}, torch.randn(2, 4))
+
+
+def test_cosine_hidden_states_loss_known_answer():
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    t = torch.tensor([[0.0, 2.0], [3.0, 3.0]])
+    # cosines 0 and 1 -> losses 1 and 0.
+    assert L.CosineHiddenStatesLoss()(s, t).item() == pytest.approx(0.5, abs=1e-7)
+    assert L.CosineHiddenStatesLoss()([s, s], [t, -s]).item() == pytest.approx(
+        (0.5 + 2.0) / 2, abs=1e-7
+    )
+
+
+def test_attention_loss_known_answer_and_scale_invariance():
+    s = torch.zeros(1, 2, 1, 2)
+    s[0, 0, 0, 0] = 1.0  # attention map [1, 0]
+    t = torch.zeros(1, 3, 1, 2)
+    t[0, :, 0, :] = 2.0  # attention map [1, 1] / sqrt(2)
+    a = 1 / math.sqrt(2)
+    expected = ((1 - a) ** 2 + a**2) / 2
+    loss = L.AttentionLoss(p=2)
+    assert loss(s, t).item() == pytest.approx(expected, rel=1e-6)
+
+    g = torch.Generator().manual_seed(15)
+    fs = [torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 4, 4, generator=g)]
+    ft = [torch.randn(2, 8, 4, 4, generator=g), torch.randn(2, 8, 4, 4, generator=g)]
+    base = loss(fs, ft)
+    assert loss(fs, [f * 7.3 for f in ft]).item() == pytest.approx(base.item(), rel=1e-5)
+    assert loss(fs, [x.clone() for x in ft]).item() > 0
+    assert loss(ft, [x.clone() for x in ft]).item() == 0.0
+
+
+def test_pkt_and_rkd_losses():
+    g = torch.Generator().manual_seed(16)
+    s = torch.randn(6, 4, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    assert L.PKTLoss()(s, s.clone()).item() == pytest.approx(0.0, abs=1e-12)
+    assert L.PKTLoss()(s, t).item() > 0
+    assert L.RKDLoss()(s, 2.5 * s).item() == pytest.approx(0.0, abs=1e-10)  # scale-free
+    only_distance = L.RKDLoss(distance_weight=1.0, angle_weight=0.0)(s, t)
+    only_angle = L.RKDLoss(distance_weight=0.0, angle_weight=1.0)(s, t)
+    assert L.RKDLoss()(s, t).item() == pytest.approx(
+        25 * only_distance.item() + 50 * only_angle.item(), rel=1e-10
+    )
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_fitnets_loss_regressor(kind):
+    g = torch.Generator().manual_seed(17)
+    loss = L.FitNetsLoss(3, 5, kind=kind)
+    if kind == "conv":
+        s, t = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 4, 4, generator=g)
+        mapped = loss.regressor(s)
+        assert isinstance(loss.regressor, nn.Conv2d) and loss.regressor.kernel_size == (1, 1)
+    else:
+        s, t = torch.randn(2, 7, 3, generator=g), torch.randn(2, 7, 5, generator=g)
+        mapped = s @ loss.regressor.weight.T + loss.regressor.bias
+    value = loss(s, t)
+    assert value.item() == pytest.approx(((mapped - t) ** 2).mean().item(), rel=1e-5)
+    value.backward()
+    assert all(p.grad is not None for p in loss.parameters())
+    with pytest.raises(ValueError, match=r"C = 3, got shape \(2, 4, 4, 4\)|D = 3, got shape"):
+        loss(torch.randn(2, 4, 4, 4), t)
+    with pytest.raises(ValueError, match="kind must be 'conv'"):
+        L.FitNetsLoss(3, 5, kind="mlp")
+
+
+# ---------------------------------------------------------------------------------------------
+# constructor errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: L.KLDivLoss(temperature=-1.0),
+        lambda: L.ReverseKLDivLoss(temperature=-1.0),
+        lambda: L.GeneralizedJSDLoss(temperature=-1.0),
+        lambda: L.HintonLoss(temperature=-1.0),
+        lambda: L.DKDLoss(temperature=-1.0),
+        lambda: L.DISTLoss(temperature=-1.0),
+    ],
+)
+def test_negative_temperature_rejected_at_construction(make):
+    with pytest.raises(ValueError, match=r"temperature must be > 0, got -1\.0; "):
+        make()
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda: L.HintonLoss(alpha=-0.5), "alpha"),
+        (lambda: L.HintonLoss(beta=-0.5), "beta"),
+        (lambda: L.DKDLoss(alpha=-1.0), "alpha"),
+        (lambda: L.DKDLoss(beta=-1.0), "beta"),
+        (lambda: L.DISTLoss(gamma=-1.0), "gamma"),
+        (lambda: L.RKDLoss(angle_weight=-1.0), "angle_weight"),
+    ],
+)
+def test_negative_weights_rejected(make, name):
+    with pytest.raises(ValueError, match=rf"{name} must be a finite number >= 0, got -"):
+        make()
+
+
+def test_gjsd_beta_out_of_range():
+    with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\], got -0\.2"):
+        L.GeneralizedJSDLoss(beta=-0.2)
+
+
+def test_class_count_mismatch_in_module():
+    with pytest.raises(ValueError, match=r"shape \(2, 10\).*shape \(2, 100\)"):
+        L.KLDivLoss()(torch.randn(2, 10), torch.randn(2, 100))
+    with pytest.raises(ValueError, match=r"shape \(2, 10\).*shape \(2, 100\)"):
+        L.HintonLoss()(torch.randn(2, 10), torch.randn(2, 100), torch.tensor([0, 1]))
