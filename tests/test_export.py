@@ -114,8 +114,9 @@ def test_missing_onnx_suggests_extra(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_legacy_exporter_matches(tmp_path: Path) -> None:
     model = small_cnn()
-    path = export_onnx(model, torch.randn(2, 3, 12, 12), tmp_path / "legacy.onnx",
-                       exporter="legacy")
+    path = export_onnx(
+        model, torch.randn(2, 3, 12, 12), tmp_path / "legacy.onnx", exporter="legacy"
+    )
     assert _ort_max_diff(path, model, torch.randn(5, 3, 12, 12)) <= 1e-4
 
 

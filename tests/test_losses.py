@@ -380,3 +380,25 @@ def test_class_count_mismatch_in_module():
         L.KLDivLoss()(torch.randn(2, 10), torch.randn(2, 100))
     with pytest.raises(ValueError, match=r"shape \(2, 10\).*shape \(2, 100\)"):
         L.HintonLoss()(torch.randn(2, 10), torch.randn(2, 100), torch.tensor([0, 1]))
+
+
+def test_cross_entropy_skips_unlabeled_samples():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0], [1.0, 1.0, 1.0]])
+    target = torch.tensor([0, -1, 2])
+    log_q = torch.log_softmax(logits, -1)
+    expected = -(log_q[0, 0] + log_q[2, 2]) / 2
+    assert torch.allclose(L.CrossEntropyLoss()(logits, target), expected)
+    none_labeled = L.CrossEntropyLoss()(logits, torch.full((3,), -1))
+    assert none_labeled.item() == 0.0
+
+
+def test_kl_term_with_ignore_index_reads_labels_as_keyword():
+    from kdkit import Distiller, Term
+
+    student, teacher = torch.nn.Linear(4, 5), torch.nn.Linear(4, 5)
+    x = torch.randn(2, 3, 4)
+    target = torch.tensor([[1, -100, 2], [0, 4, -100]])
+    term = Term(L.KLDivLoss(temperature=2.0, ignore_index=-100), target=True)
+    out = Distiller(student, teacher, [term])(x, target)
+    expected = L.KLDivLoss(2.0)(student(x), teacher(x), mask=target != -100)
+    assert torch.allclose(out.loss, expected)

@@ -26,19 +26,41 @@ def _entries(with_curves: bool = True) -> list[ModelReport]:
     curves = {"val/acc": [(0, 0.5), (1, 0.8), (2, 0.9)], "train/loss": [(0, 2.0), (1, 1.0)]}
     return [
         ModelReport(
-            role="teacher", name="resnet", accuracy=0.925, agreement=1.0, ece=0.031, nll=0.25,
-            params=400_000, size_bytes=1_600_000, latency_ms_per_sample=10.0,
-            latency_ms_per_batch=80.0, curves=curves if with_curves else None,
+            role="teacher",
+            name="resnet",
+            accuracy=0.925,
+            agreement=1.0,
+            ece=0.031,
+            nll=0.25,
+            params=400_000,
+            size_bytes=1_600_000,
+            latency_ms_per_sample=10.0,
+            latency_ms_per_batch=80.0,
+            curves=curves if with_curves else None,
         ),
         ModelReport(
-            role="scratch", name="mlp-scratch", accuracy=0.825, agreement=0.85, ece=0.052,
-            nll=0.61, params=20_000, size_bytes=100_000, latency_ms_per_sample=2.5,
-            latency_ms_per_batch=5.0, curves={"val/acc": [(0, 0.4), (1, 0.7), (2, 0.8)]}
-            if with_curves else None,
+            role="scratch",
+            name="mlp-scratch",
+            accuracy=0.825,
+            agreement=0.85,
+            ece=0.052,
+            nll=0.61,
+            params=20_000,
+            size_bytes=100_000,
+            latency_ms_per_sample=2.5,
+            latency_ms_per_batch=5.0,
+            curves={"val/acc": [(0, 0.4), (1, 0.7), (2, 0.8)]} if with_curves else None,
         ),
         ModelReport(
-            role="distilled", name="mlp-kd", accuracy=0.875, agreement=0.9125, ece=0.044,
-            nll=0.48, params=20_000, size_bytes=100_000, latency_ms_per_sample=2.5,
+            role="distilled",
+            name="mlp-kd",
+            accuracy=0.875,
+            agreement=0.9125,
+            ece=0.044,
+            nll=0.48,
+            params=20_000,
+            size_bytes=100_000,
+            latency_ms_per_sample=2.5,
             latency_ms_per_batch=5.0,
         ),
     ]
@@ -62,10 +84,16 @@ def test_report_json_round_trips(tmp_path: Path) -> None:
     # build_report fills speed-ups from the teacher's latency per sample: 10 / 2.5 = 4.
     assert [e.speedup_vs_teacher for e in loaded] == [1.0, 4.0, 4.0]
     for original, back in zip(entries, loaded, strict=True):
-        assert back == ModelReport(**{**original.__dict__, "speedup_vs_teacher": 10.0 / (
-            original.latency_ms_per_sample or 1)})
-    assert loaded[0].curves == {"val/acc": [(0, 0.5), (1, 0.8), (2, 0.9)],
-                                "train/loss": [(0, 2.0), (1, 1.0)]}
+        assert back == ModelReport(
+            **{
+                **original.__dict__,
+                "speedup_vs_teacher": 10.0 / (original.latency_ms_per_sample or 1),
+            }
+        )
+    assert loaded[0].curves == {
+        "val/acc": [(0, 0.5), (1, 0.8), (2, 0.9)],
+        "train/loss": [(0, 2.0), (1, 1.0)],
+    }
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["title"] == "t"
     assert data["config"] == {"lr": 0.01, "path": str(tmp_path)}
@@ -81,8 +109,18 @@ def test_report_md_contains_the_numbers(tmp_path: Path) -> None:
     md = (tmp_path / "report.md").read_text()
     assert md.startswith("# Digits KD\n")
     teacher_row = next(line for line in md.splitlines() if line.startswith("| teacher"))
-    for cell in ("resnet", "92.50", "100.00", "0.0310", "0.2500", "400,000", "1.60", "10.000",
-                 "80.000", "1.00×"):
+    for cell in (
+        "resnet",
+        "92.50",
+        "100.00",
+        "0.0310",
+        "0.2500",
+        "400,000",
+        "1.60",
+        "10.000",
+        "80.000",
+        "1.00×",
+    ):
         assert f" {cell} " in teacher_row
     kd_row = next(line for line in md.splitlines() if line.startswith("| distilled"))
     for cell in ("mlp-kd", "87.50", "91.25", "20,000", "0.10", "2.500", "4.00×"):
@@ -123,10 +161,13 @@ def test_model_report_validates_role() -> None:
 
 def test_from_measurements_picks_the_fields() -> None:
     row = ModelReport.from_measurements(
-        "distilled", "kd",
+        "distilled",
+        "kd",
         metrics={"accuracy": 0.8, "agreement": 0.9, "ece": 0.1, "nll": 0.5, "num_samples": 4},
         latency={"latency_ms_per_sample": 1.5, "latency_ms_per_batch": 3.0, "num_threads": 1},
-        params=10, size_bytes=100, curves={"val/acc": [[0, 0.1], [1, 0.2]]},
+        params=10,
+        size_bytes=100,
+        curves={"val/acc": [[0, 0.1], [1, 0.2]]},
     )
     assert (row.accuracy, row.agreement, row.ece, row.nll) == (0.8, 0.9, 0.1, 0.5)
     assert (row.latency_ms_per_sample, row.latency_ms_per_batch) == (1.5, 3.0)

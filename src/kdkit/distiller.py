@@ -487,15 +487,21 @@ class Distiller(nn.Module):
         total = logits.new_zeros(())
         for name, term in self.terms.items():
             args = self._term_inputs(name, term, logits, student_features, t_logits, t_features)
+            kwargs = {}
             if term.reads_target:
                 if target is None:
                     raise ValueError(
                         f"term {name!r} reads labels but target is None; call "
                         "distiller(inputs, target)."
                     )
-                args.append(target)
+                # Losses that do not require labels take them as an optional keyword (e.g.
+                # KLDivLoss(ignore_index=...)), after their mask argument.
+                if term.teacher is None or getattr(term.loss, "needs_target", False):
+                    args.append(target)
+                else:
+                    kwargs["target"] = target
             try:
-                value = term.loss(*args)
+                value = term.loss(*args, **kwargs)
             except ValueError as e:
                 raise ValueError(f"term {name!r}: {e}") from e
             if self.check_finite and not torch.isfinite(value).all():

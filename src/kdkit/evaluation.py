@@ -37,10 +37,10 @@ def _logits_of(output: Any) -> Tensor:
     """Pull the logits tensor out of a model output (Tensor, tuple/list, dict or ModelOutput)."""
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, Mapping) or hasattr(output, "logits"):
-        logits = output["logits"] if isinstance(output, Mapping) else output.logits
-        if isinstance(logits, Tensor):
-            return logits
+    # ModelOutput is a Mapping too, so the key lookup covers both.
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    if isinstance(logits, Tensor):
+        return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
         return output[0]
     raise TypeError(

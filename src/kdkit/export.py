@@ -228,9 +228,7 @@ def export_onnx(
     ``output_{i}``. Files above 2 GB (protobuf limit) are not supported.
     """
     if exporter not in ("auto", "dynamo", "legacy"):
-        raise ValueError(
-            f"exporter: got {exporter!r}; expected 'auto', 'dynamo' or 'legacy'."
-        )
+        raise ValueError(f"exporter: got {exporter!r}; expected 'auto', 'dynamo' or 'legacy'.")
     if not atol >= 0:
         raise ValueError(f"atol: got {atol}; expected a tolerance >= 0 (default 1e-4).")
     onnx = _require("onnx")

@@ -307,17 +307,34 @@ def hinton_loss(
     alpha = _check_weight("alpha", alpha)
     beta = _check_weight("beta", beta)
     log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
-    log_q = F.log_softmax(_upcast(student_logits), dim=-1)
-    if target.dtype.is_floating_point and target.shape == student_logits.shape:
-        labeled = mask = None
-        hard = -(target.to(log_q.dtype) * log_q).sum(dim=-1)
-    else:
-        _check_hard_target(target, student_logits)
-        labeled, mask = target >= 0, target != -100
-        safe_target = torch.where(labeled, target, torch.zeros_like(target))
-        hard = -log_q.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    hard, labeled = _hard_cross_entropy_rows(student_logits, target)
+    mask = None if labeled is None else target != -100
     soft = _cross_entropy_rows(log_p_t, log_p_s)
     return alpha * _masked_mean(hard, labeled) + beta * temperature**2 * _masked_mean(soft, mask)
+
+
+def _hard_cross_entropy_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Per-sample ``-log softmax(z)[y]`` (or ``-Σ y log softmax(z)`` for probability targets),
+    with the mask of labelled samples (None for probability targets)."""
+    log_q = F.log_softmax(_upcast(logits), dim=-1)
+    if target.dtype.is_floating_point and target.shape == logits.shape:
+        return -(target.to(log_q.dtype) * log_q).sum(dim=-1), None
+    _check_hard_target(target, logits)
+    labeled = target >= 0
+    safe_target = torch.where(labeled, target, torch.zeros_like(target))
+    return -log_q.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1), labeled
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy with the ground truth over the labelled samples only.
+
+    ``loss = mean_{i: y_i >= 0} -log softmax(z_i)[y_i]``; negative labels mark unlabeled samples
+    of a transfer set (kdkit uses -1) and padding (-100). With no labelled sample the loss is 0
+    (not NaN), so a batch drawn only from the unlabeled part trains on the soft terms alone.
+    ``target`` may also hold class probabilities shaped like ``logits`` (mixup).
+    """
+    hard, labeled = _hard_cross_entropy_rows(logits, target)
+    return _masked_mean(hard, labeled)
 
 
 def mse_logits(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdkit.distiller import Distiller
+from kdkit.functional import cross_entropy
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -45,16 +46,6 @@ def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int) -> tuple[Tensor,
     onehot = nn.functional.one_hot(y.clamp_min(0), num_classes).to(x.dtype)
     onehot = onehot * (y != UNLABELED).unsqueeze(-1)
     return lam * x + (1 - lam) * x[perm], lam * onehot + (1 - lam) * onehot[perm]
-
-
-def labeled_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy over labeled samples only (label -1 = unlabeled; 0 when none is labeled)."""
-    if target.is_floating_point():
-        return nn.functional.cross_entropy(logits, target)
-    keep = target != UNLABELED
-    if not bool(keep.any()):
-        return logits.sum() * 0.0
-    return nn.functional.cross_entropy(logits[keep], target[keep])
 
 
 class _ClassificationModule(L.LightningModule):
@@ -135,7 +126,7 @@ class ClassifierModule(_ClassificationModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y, _ = unpack_batch(batch)
         x, y = self._mix(x, y)
-        loss = labeled_cross_entropy(self.net(x), y)
+        loss = cross_entropy(self.net(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

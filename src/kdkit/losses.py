@@ -19,6 +19,7 @@ from kdkit import functional as KF
 __all__ = [
     "AttentionLoss",
     "CosineHiddenStatesLoss",
+    "CrossEntropyLoss",
     "DISTLoss",
     "DKDLoss",
     "FitNetsLoss",
@@ -164,6 +165,21 @@ class MSELogitsLoss(_TokenLogitLoss):
         target: Tensor | None = None,
     ) -> Tensor:
         return KF.mse_logits(student, teacher, self._mask(mask, target))
+
+
+class CrossEntropyLoss(nn.Module):
+    """``mean_{i: y_i >= 0} -log softmax(z_i)[y_i]``: the hard-label "student loss".
+
+    Unlike ``torch.nn.CrossEntropyLoss`` it skips unlabeled samples (label -1) of a transfer set
+    and returns 0, not NaN, for a batch with no labels. See :func:`kdkit.functional.cross_entropy`.
+    Use it as a term that reads only the student and the labels:
+    ``Term(CrossEntropyLoss(), teacher=None, target=True)``.
+    """
+
+    needs_target: bool = True
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return KF.cross_entropy(logits, target)
 
 
 class HintonLoss(nn.Module):

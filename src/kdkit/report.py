@@ -410,9 +410,7 @@ def _plot_curves(entries: Sequence[ModelReport], path: Path) -> bool:
 
 
 def _plot_accuracy_vs_latency(entries: Sequence[ModelReport], path: Path) -> bool:
-    points = [
-        e for e in entries if e.accuracy is not None and e.latency_ms_per_sample is not None
-    ]
+    points = [e for e in entries if e.accuracy is not None and e.latency_ms_per_sample is not None]
     if not points:
         return False
     max_params = max((e.params or 0) for e in points) or 1
@@ -431,8 +429,13 @@ def _plot_accuracy_vs_latency(entries: Sequence[ModelReport], path: Path) -> boo
             edgecolors="black",
         )
         label = e.name if e.params is None else f"{e.name} ({e.params:,} params)"
-        ax.annotate(label, (e.latency_ms_per_sample, e.accuracy * 100.0),
-                    textcoords="offset points", xytext=(6, 6), fontsize="small")
+        ax.annotate(
+            label,
+            (e.latency_ms_per_sample, e.accuracy * 100.0),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize="small",
+        )
     for role, color in colors.items():
         ax.scatter([], [], color=color, label=role, alpha=0.6)
     ax.set_xlabel("CPU latency per sample (ms)")
@@ -493,9 +496,7 @@ def build_report(
         )
     for e in entries:
         if not isinstance(e, ModelReport):
-            raise TypeError(
-                f"build_report entries: got {type(e).__name__}; expected ModelReport."
-            )
+            raise TypeError(f"build_report entries: got {type(e).__name__}; expected ModelReport.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = _with_speedups(entries)

@@ -1,0 +1,99 @@
+"""`kdkit <command> [hydra overrides]`: the whole distillation pipeline from the shell.
+
+Every command composes the same Hydra config tree (shipped in ``kdkit/configs``), so Hydra's
+overrides, ``-m`` sweeps, ``--cfg job``, ``--info`` and ``<command> --help`` work as usual::
+
+    kdkit run                                     # digits: teacher, scratch, distilled, report
+    kdkit run distill=dkd trainer.max_epochs=5
+    kdkit distill -m distill=kd,dkd teacher.checkpoint=runs/digits/<time>/teacher/model.pt
+
+The command travels to Hydra as the override ``command=<name>``; DDP worker processes, which
+Lightning starts by re-running this program with its arguments, therefore run the same command.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+
+def _commands() -> dict[str, str]:
+    from kdkit.pipeline.run import COMMANDS
+
+    return {name: doc for name, (_, doc) in COMMANDS.items()}
+
+
+def usage() -> str:
+    lines = [
+        "usage: kdkit <command> [OVERRIDES...] [-m] [--cfg job] [--help]",
+        "",
+        "Knowledge distillation for PyTorch: train a teacher, distil a student, compare them.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<8} {doc}" for name, doc in _commands().items()]
+    lines += [
+        "",
+        "`kdkit <command> --help` shows the config groups (data, teacher, student, distill,",
+        "trainer, logger, experiment) and every option. Overrides are Hydra's: key=value,",
+        "group=option, +new_key=value; -m sweeps comma-separated values.",
+        "",
+        "example: kdkit run                      (digits, under 3 minutes on 2 CPU cores)",
+    ]
+    return "\n".join(lines)
+
+
+def _task(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
+    from kdkit.pipeline.run import dispatch
+    from kdkit.pipeline.train import StageInterrupted
+
+    try:
+        dispatch(cfg)
+    except (ValueError, FileNotFoundError, StageInterrupted) as exc:
+        # Our errors name the value and the fix; a traceback would bury that.
+        print(f"kdkit {cfg.command}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kdkit` console script; ``argv`` defaults to ``sys.argv[1:]``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    first, rest = args[0], args[1:]
+    command = first.split("=", 1)[1] if first.startswith("command=") else first
+    commands = _commands()
+    if command not in commands:
+        import difflib
+
+        close = difflib.get_close_matches(command, list(commands), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        print(
+            f"kdkit: unknown command {command!r}.{hint} Commands: {', '.join(commands)}. "
+            "See `kdkit --help`.",
+            file=sys.stderr,
+        )
+        return 2
+
+    import hydra
+    from hydra.core.global_hydra import GlobalHydra
+
+    os.environ["KDKIT_COMMAND_HELP"] = commands[command]
+    GlobalHydra.instance().clear()
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "kdkit", f"command={command}", *rest]
+    try:
+        hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_task)()
+    finally:
+        sys.argv = saved
+        GlobalHydra.instance().clear()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

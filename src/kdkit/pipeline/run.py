@@ -1,0 +1,245 @@
+"""The commands behind `kdkit`: each takes the composed Hydra config and does one job."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from kdkit.pipeline.build import (
+    build_datamodule,
+    load_teacher,
+    output_dir,
+    to_container,
+)
+from kdkit.pipeline.checkpoint import load_model, load_model_file
+from kdkit.pipeline.distill import distill_student
+from kdkit.pipeline.evaluate import (
+    evaluate_model,
+    load_entries,
+    teacher_test_logits,
+)
+from kdkit.pipeline.train import train_supervised
+from kdkit.report import atomic_write_text, build_report, print_report
+
+
+def _is_rank_zero() -> bool:
+    return rank_zero_only.rank == 0
+
+
+def save_config(cfg: DictConfig) -> Path:
+    """The resolved config as ``<run>/config.yaml`` (what this run actually used)."""
+    out = output_dir(cfg)
+    container = to_container(cfg)
+    return atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(container))
+
+
+def _title(cfg: DictConfig) -> str:
+    return f"kdkit report: {cfg.experiment_name} ({cfg.teacher.name} -> {cfg.student.name}, " + (
+        f"{cfg.distill.method})"
+    )
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Teacher, scratch student, distilled student, evaluation and report, in one run."""
+    start = time.perf_counter()
+    out = output_dir(cfg)
+    save_config(cfg)
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    if cfg.teacher.get("checkpoint"):
+        teacher, _ = load_teacher(cfg, dm.num_classes)
+    else:
+        teacher, _, _ = train_supervised(cfg, dm, "teacher", "teacher")
+    scratch, _, _ = train_supervised(
+        cfg, dm, "student", "scratch", mixup_alpha=float(cfg.distill.get("mixup_alpha") or 0.0)
+    )
+    distilled, _, _ = distill_student(cfg, dm, teacher, "distilled")
+    if not _is_rank_zero():
+        return {}
+    t_logits = teacher_test_logits(teacher, dm)
+    entries = [
+        evaluate_model(cfg, teacher, "teacher", cfg.teacher.name, dm, stage_dir=out / "teacher"),
+        evaluate_model(
+            cfg, scratch, "scratch", cfg.student.name, dm, teacher_logits=t_logits,
+            stage_dir=out / "scratch",
+        ),
+        evaluate_model(
+            cfg, distilled, "distilled", f"{cfg.student.name} ({cfg.distill.method})", dm,
+            teacher_logits=t_logits, stage_dir=out / "distilled",
+        ),
+    ]
+    build_report(entries, out, title=_title(cfg), config=to_container(cfg))
+    print_report(entries, title=_title(cfg))
+    print(f"report: {out / 'report.md'}  ({time.perf_counter() - start:.1f} s)")
+    return {e.role: e.accuracy for e in entries}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Supervised training of ``model=teacher|student``; writes <run>/<model>/model.pt."""
+    out = output_dir(cfg)
+    save_config(cfg)
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    role = str(cfg.model)
+    model, _, _ = train_supervised(cfg, dm, role, role, resume=cfg.get("ckpt_path") is not None)
+    if not _is_rank_zero():
+        return {}
+    entry = evaluate_model(
+        cfg, model, "teacher" if role == "teacher" else "scratch", cfg[role].name, dm,
+        stage_dir=out / role,
+    )
+    print_report([entry], title=f"kdkit train: {cfg[role].name}")
+    print(f"model: {out / role / 'model.pt'}")
+    return {"accuracy": entry.accuracy}
+
+
+def distill(cfg: DictConfig) -> dict[str, Any]:
+    """Distil the student from ``teacher.checkpoint`` (or ``distill.teacher_cache``)."""
+    out = output_dir(cfg)
+    save_config(cfg)
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    teacher = None
+    if cfg.teacher.get("checkpoint") or not cfg.distill.get("teacher_cache"):
+        teacher, _ = load_teacher(cfg, dm.num_classes)
+    student, _, _ = distill_student(
+        cfg, dm, teacher, "distilled", resume=cfg.get("ckpt_path") is not None
+    )
+    if not _is_rank_zero():
+        return {}
+    entry = evaluate_model(
+        cfg, student, "distilled", f"{cfg.student.name} ({cfg.distill.method})", dm,
+        teacher_logits=teacher_test_logits(teacher, dm), stage_dir=out / "distilled",
+    )
+    print_report([entry], title=_title(cfg))
+    print(f"model: {out / 'distilled' / 'model.pt'}")
+    return {"accuracy": entry.accuracy}
+
+
+def _checkpoint_path(cfg: DictConfig) -> str:
+    path = cfg.get("checkpoint") or cfg[str(cfg.model)].get("checkpoint")
+    if not path:
+        raise ValueError(
+            f"`kdkit {cfg.command}` needs a model file: pass checkpoint=<path to model.pt or "
+            ".ckpt> (or teacher.checkpoint=... with model=teacher)."
+        )
+    return str(path)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a model file on the test split (agreement too when teacher.checkpoint is set)."""
+    out = output_dir(cfg)
+    path = _checkpoint_path(cfg)
+    model = load_model(path, what="checkpoint")
+    dm = build_datamodule(cfg)
+    dm.prepare()
+    if model.kdkit_spec["num_classes"] != dm.num_classes:
+        raise ValueError(
+            f"checkpoint {path!r} predicts {model.kdkit_spec['num_classes']} classes but dataset "
+            f"{cfg.data.name!r} has {dm.num_classes}; evaluate it on the data it was trained on."
+        )
+    teacher = None
+    if cfg.teacher.get("checkpoint") and cfg.teacher.checkpoint != path:
+        teacher, _ = load_teacher(cfg, dm.num_classes)
+    role = "teacher" if model.kdkit_spec.get("role") == "teacher" else "distilled"
+    entry = evaluate_model(
+        cfg, model, role, model.kdkit_spec["name"], dm,
+        teacher_logits=teacher_test_logits(teacher, dm),
+    )
+    atomic_write_text(out / "eval.json", json.dumps(entry.to_dict(), indent=2) + "\n")
+    print_report([entry], title=f"kdkit eval: {path}")
+    return {"accuracy": entry.accuracy}
+
+
+def report(cfg: DictConfig) -> dict[str, Any]:
+    """Rebuild report.{json,md} and plots of run folders from their stages' metrics.json."""
+    run_dirs = [Path(str(p)) for p in (cfg.get("run_dirs") or [])]
+    if not run_dirs:
+        candidates = sorted(
+            (p.parent.parent for p in Path("runs", str(cfg.experiment_name)).glob("*/*/metrics.json")),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if not candidates:
+            raise FileNotFoundError(
+                f"no run folders given and none found under runs/{cfg.experiment_name}/; pass "
+                "run_dirs=[runs/<experiment>/<time>] (one or more)."
+            )
+        run_dirs = [candidates[-1]]
+    results = {}
+    for run_dir in run_dirs:
+        entries = load_entries(run_dir)
+        config_file = run_dir / "config.yaml"
+        config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+        title = f"kdkit report: {run_dir}"
+        build_report(entries, run_dir, title=title, config=config)  # type: ignore[arg-type]
+        print_report(entries, title=title)
+        print(f"report: {run_dir / 'report.md'}")
+        results[str(run_dir)] = {e.role: e.accuracy for e in entries}
+    return results
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """ONNX (checked against torch in onnxruntime) and TorchScript files of a model file."""
+    from kdkit.export import export_onnx, export_torchscript
+
+    out = output_dir(cfg)
+    path = _checkpoint_path(cfg)
+    model = load_model(path, what="checkpoint")
+    spec = load_model_file(path)["spec"]
+    example = torch.rand(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
+    atol = float(cfg.export.get("atol", 1e-4))
+    written: dict[str, Any] = {}
+    if cfg.export.get("onnx", True):
+        written["onnx"] = str(export_onnx(model, example, out / "model.onnx", atol=atol))
+    if cfg.export.get("torchscript", True):
+        written["torchscript"] = str(export_torchscript(model, example, out / "model.ts"))
+    for kind, file in written.items():
+        print(f"{kind}: {file}")
+    return written
+
+
+def cache(cfg: DictConfig) -> dict[str, Any]:
+    """Run the teacher over the training split once and store its outputs (TeacherCache)."""
+    from kdkit.cache import TeacherCache
+
+    out = output_dir(cfg)
+    dm = build_datamodule(cfg)
+    splits = dm.prepare()
+    teacher, _ = load_teacher(cfg, dm.num_classes)
+    path = Path(str(cfg.cache.get("path") or out / "teacher_cache"))
+    built = TeacherCache.build(
+        teacher,
+        splits.train,
+        path,
+        top_k=cfg.cache.get("top_k"),
+        batch_size=int(cfg.cache.get("batch_size", 256)),
+        epochs=int(cfg.cache.get("epochs", 1)),
+    )
+    print(f"teacher cache: {built.path} ({len(built)} samples); use distill.teacher_cache={path}")
+    return {"path": str(path)}
+
+
+COMMANDS = {
+    "run": (run, "train the teacher, a scratch student and a distilled student; evaluate; report"),
+    "train": (train, "train one model with labels (model=teacher or model=student)"),
+    "distill": (distill, "distil the student from teacher.checkpoint=<model.pt>"),
+    "eval": (evaluate, "evaluate checkpoint=<model.pt> on the test split"),
+    "report": (report, "rebuild the report of run folders (run_dirs=[...])"),
+    "export": (export, "export checkpoint=<model.pt> to ONNX (checked) and TorchScript"),
+    "cache": (cache, "store the outputs of teacher.checkpoint on the training split"),
+}
+
+
+def dispatch(cfg: DictConfig) -> Any:
+    command = str(cfg.command)
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}.")
+    sys.stdout.flush()
+    return COMMANDS[command][0](cfg)
