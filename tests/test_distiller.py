@@ -266,3 +266,77 @@ def test_labels_missing_for_a_term_that_reads_them(digits, teacher):
     distiller = Distiller(mlp(16), teacher, [Term(HintonLoss())])
     with pytest.raises(ValueError, match=r"reads labels but target is None"):
         distiller(digits["x_train"][:4])
+
+
+# ---------------------------------------------------------------------------------- speed knobs
+def test_log_softmax_is_shared_within_a_step():
+    from kdkit.functional import log_softmax, shared_log_softmax
+
+    z = torch.randn(4, 10)
+    assert log_softmax(z, 2.0) is not log_softmax(z, 2.0)
+    with shared_log_softmax():
+        first = log_softmax(z, 2.0)
+        assert log_softmax(z, 2.0) is first
+        assert log_softmax(z, 3.0) is not first
+        z.mul_(2)  # an in-place change invalidates the shared value
+        assert not torch.equal(log_softmax(z, 2.0), first)
+
+
+def test_kd_and_hinton_terms_share_one_softmax_per_temperature(digits, teacher, monkeypatch):
+    import kdkit.functional as KF
+
+    calls = []
+    real = KF.F.log_softmax
+
+    def counting(x, dim):
+        calls.append(tuple(x.shape))
+        return real(x, dim=dim)
+
+    monkeypatch.setattr(KF.F, "log_softmax", counting)
+    distiller = Distiller(
+        mlp(16, depth=1), teacher, [Term(KLDivLoss(4.0)), Term(HintonLoss(temperature=4.0))]
+    ).eval()
+    distiller(digits["x_train"][:8], digits["y_train"][:8])
+    # student and teacher at T=4, student at T=1 for the hard term: three, not five.
+    assert len(calls) == 3
+
+
+class ConvNet(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_channels_last_and_bf16_teacher_match_plain(digits):
+    torch.manual_seed(0)
+    student, teacher = ConvNet(4).eval(), ConvNet(16).eval()
+    x = digits["x_train"][:8].view(8, 1, 8, 8)
+    plain = Distiller(student, teacher, [Term(KLDivLoss(2.0))]).eval()(x).loss
+    fast = Distiller(
+        copy.deepcopy(student),
+        copy.deepcopy(teacher),
+        [Term(KLDivLoss(2.0))],
+        channels_last=True,
+        autocast_dtype=torch.bfloat16,
+    ).eval()
+    assert fast.teacher.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    out = fast(x)
+    assert out.teacher_logits[0].dtype == torch.bfloat16
+    assert out.loss.dtype == torch.float32
+    assert torch.allclose(out.loss, plain, rtol=0.05, atol=1e-3)
+
+
+def test_compile_refuses_feature_terms(teacher):
+    with pytest.raises(ValueError, match=r"compile=True supports logit terms only"):
+        Distiller(
+            mlp(16),
+            teacher,
+            [Term(MSEHiddenStatesLoss(), student="2", teacher="2")],
+            compile=True,
+        )

@@ -7,6 +7,7 @@ student's output. The same object also offers the hooks API of Intel Neural Comp
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from kdkit.adapters import build_adapter, probe_shapes
 from kdkit.capture import FeatureCapture, resolve_module, select_tensor
+from kdkit.functional import shared_log_softmax
 
 Selector = int | str | Callable[[Any], Tensor] | None
 LOGITS = "logits"
@@ -90,6 +92,25 @@ def _default_name(loss: Callable[..., Tensor]) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
 
 
+def _tensors(inputs: Any) -> list[Tensor]:
+    if isinstance(inputs, Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    if isinstance(values, tuple | list) or isinstance(inputs, Mapping):
+        return [v for v in values if isinstance(v, Tensor)]
+    return []
+
+
+def _to_channels_last(inputs: Any) -> Any:
+    if isinstance(inputs, Tensor):
+        return inputs.contiguous(memory_format=torch.channels_last) if inputs.dim() == 4 else inputs
+    if isinstance(inputs, Mapping):
+        return {k: _to_channels_last(v) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(_to_channels_last(v) for v in inputs)
+    return inputs
+
+
 def _call(model: nn.Module, inputs: Any) -> Any:
     if isinstance(inputs, Mapping):
         return model(**inputs)
@@ -128,7 +149,15 @@ class Distiller(nn.Module):
             tuple; ``"logits"`` key or attribute), an index, a key / attribute name, or a callable.
         teacher_logits: selector for the teachers' outputs, when it differs from ``logits``.
         example_input: one input batch, used once to probe feature shapes for adapters.
-        check_finite: raise when a term is NaN/Inf, naming it (one host sync per step on GPU).
+        check_finite: raise when a term is NaN/Inf, naming it (one host sync per step on GPU;
+            turn it off for the last bit of GPU throughput).
+        autocast_dtype: run the teachers under ``torch.autocast`` with this dtype (e.g.
+            ``torch.bfloat16``); the soft losses upcast logits to float32 before the softmax.
+        channels_last: put student and teachers in ``torch.channels_last`` memory format and
+            convert 4-D inputs, the faster layout for convolutions on GPU.
+        compile: ``torch.compile`` the student's and teachers' forwards (logit terms only:
+            per-step feature hooks would force recompiles). ``distiller.student`` stays the
+            plain module.
     """
 
     def __init__(
@@ -142,6 +171,9 @@ class Distiller(nn.Module):
         teacher_logits: Selector = None,
         example_input: Any = None,
         check_finite: bool = True,
+        autocast_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(student, nn.Module):
@@ -168,6 +200,21 @@ class Distiller(nn.Module):
         self.adapters = self._build_adapters(example_input)
         self.epoch = 0
         self._persistent_capture: FeatureCapture | None = None
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+        if channels_last:
+            for model in (self.student, *self._teachers):
+                model.to(memory_format=torch.channels_last)
+        self._student_fn: Callable[..., Any] = self.student
+        self._teacher_fns: list[Callable[..., Any]] = list(self._teachers)
+        if compile:
+            if self._student_paths() or any(t.teacher_paths for t in self.terms.values()):
+                raise ValueError(
+                    "compile=True supports logit terms only; feature terms add hooks on every "
+                    "step, which would force recompiles. Drop compile or the feature terms."
+                )
+            self._student_fn = torch.compile(self.student)
+            self._teacher_fns = [torch.compile(t) for t in self._teachers]
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod
@@ -336,13 +383,15 @@ class Distiller(nn.Module):
             index: sample indices, to read a teacher-output cache.
             epoch: which cached view to read (defaults to the epoch counted by on_epoch_end).
         """
+        if self.channels_last:
+            inputs = _to_channels_last(inputs)
         paths = self._student_paths()
         if paths:
             with FeatureCapture(self.student, paths) as cap:
                 student_output = _call(self.student, inputs)
             features = dict(cap.features)
         else:
-            student_output = _call(self.student, inputs)
+            student_output = _call(self._student_fn, inputs)
             features = {}
         return self._compute(inputs, student_output, features, target, teacher_output, index, epoch)
 
@@ -410,18 +459,26 @@ class Distiller(nn.Module):
 
     def _run_teachers(self, inputs: Any) -> tuple[list[Any], list[dict[str, Tensor]]]:
         outputs, features = [], []
+        if self.channels_last:
+            inputs = _to_channels_last(inputs)
         for k, teacher in enumerate(self._teachers):
             teacher.eval()
             paths = self._teacher_paths(k)
-            with torch.no_grad():
+            with torch.no_grad(), self._teacher_autocast(inputs):
                 if paths:
                     with FeatureCapture(teacher, paths) as cap:
                         outputs.append(_call(teacher, inputs))
                     features.append(dict(cap.features))
                 else:
-                    outputs.append(_call(teacher, inputs))
+                    outputs.append(_call(self._teacher_fns[k], inputs))
                     features.append({})
         return outputs, features
+
+    def _teacher_autocast(self, inputs: Any) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device = next((t.device for t in _tensors(inputs)), torch.device("cpu"))
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
 
     def _teacher_side(
         self, inputs: Any, teacher_output: Any, index: Tensor | None, epoch: int | None
@@ -484,34 +541,50 @@ class Distiller(nn.Module):
                     f"{tuple(logits.shape)}); give both models the same number of classes."
                 )
         values: dict[str, Tensor] = {}
-        total = logits.new_zeros(())
-        for name, term in self.terms.items():
-            args = self._term_inputs(name, term, logits, student_features, t_logits, t_features)
-            kwargs = {}
-            if term.reads_target:
-                if target is None:
-                    raise ValueError(
-                        f"term {name!r} reads labels but target is None; call "
-                        "distiller(inputs, target)."
-                    )
-                # Losses that do not require labels take them as an optional keyword (e.g.
-                # KLDivLoss(ignore_index=...)), after their mask argument.
-                if term.teacher is None or getattr(term.loss, "needs_target", False):
-                    args.append(target)
-                else:
-                    kwargs["target"] = target
-            try:
-                value = term.loss(*args, **kwargs)
-            except ValueError as e:
-                raise ValueError(f"term {name!r}: {e}") from e
-            if self.check_finite and not torch.isfinite(value).all():
-                raise FloatingPointError(
-                    f"term {name!r} is {value.item()} (not finite); lower the learning rate, check "
-                    "the inputs for NaN/Inf, or raise the temperature of a soft term."
+        total = logits.new_zeros((), dtype=torch.float32)
+        with shared_log_softmax():
+            for name, term in self.terms.items():
+                total = total + self._term(
+                    name, term, logits, student_features, t_logits, t_features, target, values
                 )
-            values[name] = value.detach()
-            total = total + term.weight * value
         return DistillerOutput(total, values, student_output, logits, t_logits)
+
+    def _term(
+        self,
+        name: str,
+        term: Term,
+        logits: Tensor,
+        student_features: Mapping[str, Tensor],
+        t_logits: list[Tensor],
+        t_features: list[dict[str, Tensor]],
+        target: Tensor | None,
+        values: dict[str, Tensor],
+    ) -> Tensor:
+        args = self._term_inputs(name, term, logits, student_features, t_logits, t_features)
+        kwargs = {}
+        if term.reads_target:
+            if target is None:
+                raise ValueError(
+                    f"term {name!r} reads labels but target is None; call "
+                    "distiller(inputs, target)."
+                )
+            # Losses that do not require labels take them as an optional keyword (e.g.
+            # KLDivLoss(ignore_index=...)), after their mask argument.
+            if term.teacher is None or getattr(term.loss, "needs_target", False):
+                args.append(target)
+            else:
+                kwargs["target"] = target
+        try:
+            value = term.loss(*args, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"term {name!r}: {e}") from e
+        if self.check_finite and not torch.isfinite(value).all():
+            raise FloatingPointError(
+                f"term {name!r} is {value.item()} (not finite); lower the learning rate, check "
+                "the inputs for NaN/Inf, or raise the temperature of a soft term."
+            )
+        values[name] = value.detach()
+        return term.weight * value
 
     def _term_inputs(
         self,

@@ -17,7 +17,9 @@ Conventions shared by the logit losses:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -128,14 +130,47 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+_SHARED: ContextVar[dict[tuple[int, int, float], tuple[Tensor, Tensor]] | None] = ContextVar(
+    "kdkit_shared_log_softmax", default=None
+)
+
+
+@contextmanager
+def shared_log_softmax() -> Iterator[None]:
+    """Within this block, ``log_softmax(z, T)`` of the same tensor and T is computed once.
+
+    The Distiller opens it around its terms, so KD, Hinton and CE terms on the same logits share
+    one softmax per temperature. Entries are keyed by the tensor's identity and version counter
+    (an in-place change invalidates them) and hold the tensor, so its id cannot be reused.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``log softmax(z / T)`` over the last dim, in float32 for half-precision logits."""
+    memo = _SHARED.get()
+    key = (id(logits), logits._version, float(temperature))
+    if memo is not None and key in memo and memo[key][0] is logits:
+        return memo[key][1]
+    scaled = _upcast(logits) if temperature == 1.0 else _upcast(logits) / temperature
+    out = F.log_softmax(scaled, dim=-1)
+    if memo is not None:
+        memo[key] = (logits, out)
+    return out
+
+
 def _softened_log_probs(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float
 ) -> tuple[Tensor, Tensor, float]:
     """Checked ``(log p_s, log p_t, T)`` with ``p = softmax(z / T)`` over the last dim."""
     temperature = check_temperature(temperature)
     _check_logits(student_logits, teacher_logits)
-    log_p_s = F.log_softmax(_upcast(student_logits) / temperature, dim=-1)
-    log_p_t = F.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+    log_p_s = log_softmax(student_logits, temperature)
+    log_p_t = log_softmax(teacher_logits, temperature)
     return log_p_s, log_p_t, temperature
 
 
@@ -316,7 +351,7 @@ def hinton_loss(
 def _hard_cross_entropy_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
     """Per-sample ``-log softmax(z)[y]`` (or ``-Σ y log softmax(z)`` for probability targets),
     with the mask of labelled samples (None for probability targets)."""
-    log_q = F.log_softmax(_upcast(logits), dim=-1)
+    log_q = log_softmax(logits, 1.0)
     if target.dtype.is_floating_point and target.shape == logits.shape:
         return -(target.to(log_q.dtype) * log_q).sum(dim=-1), None
     _check_hard_target(target, logits)

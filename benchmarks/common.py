@@ -1,0 +1,188 @@
+"""Shared helpers of the kdkit benchmarks: modes, interleaved timing, robust summaries.
+
+Every comparison is measured side by side in one process: the variants take turns, one
+repetition each, in a fixed rotating order (so slow drift of the machine — thermal, other
+processes — hits every variant alike), and a ratio is the median of the per-repetition ratios.
+Absolute times are reported for context, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("smoke", "quick", "full")
+
+
+def add_mode_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--quick`` / ``--smoke`` (default: full), ``--json PATH``, ``--threads N``."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="shorter run (minutes)")
+    group.add_argument("--smoke", action="store_true", help="tiny run (seconds), for tests")
+    parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: all cores)"
+    )
+    return parser
+
+
+def mode_of(args: argparse.Namespace) -> str:
+    return "smoke" if args.smoke else "quick" if args.quick else "full"
+
+
+def pick(mode: str, smoke: Any, quick: Any, full: Any) -> Any:
+    """The setting for ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"benchmark mode must be one of {MODES}, got {mode!r}")
+    return {"smoke": smoke, "quick": quick, "full": full}[mode]
+
+
+def set_threads(threads: int | None) -> int:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def interleaved(
+    variants: Mapping[str, Callable[[], None]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant; calls alternate A B C, B C A, C A B, ...
+
+    ``warmup`` rounds are run and discarded first (allocator, caches, lazy init).
+    """
+    names = list(variants)
+    for _ in range(warmup):
+        for name in names:
+            variants[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles, min and max of ``values``."""
+    vals = sorted(float(v) for v in values)
+    if len(vals) >= 2:
+        q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive")
+    else:
+        q1 = q3 = vals[0]
+    return {
+        "median": statistics.median(vals),
+        "q1": q1,
+        "q3": q3,
+        "min": vals[0],
+        "max": vals[-1],
+        "n": len(vals),
+    }
+
+
+def paired_ratio(numer: Sequence[float], denom: Sequence[float]) -> dict[str, float]:
+    """Summary of the per-repetition ratios ``numer[i] / denom[i]`` (paired: same round)."""
+    if len(numer) != len(denom) or not numer:
+        raise ValueError(
+            f"paired_ratio needs two equally long, non-empty series, got {len(numer)} and "
+            f"{len(denom)}"
+        )
+    return summary([a / b for a, b in zip(numer, denom, strict=True)])
+
+
+def fmt_ratio(stats: Mapping[str, float]) -> str:
+    return f"{stats['median']:.3f} (IQR {stats['q1']:.3f}-{stats['q3']:.3f}, n={stats['n']})"
+
+
+def fmt_ms(stats: Mapping[str, float]) -> str:
+    return f"{1e3 * stats['median']:.2f} ms (IQR {1e3 * stats['q1']:.2f}-{1e3 * stats['q3']:.2f})"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (``getrusage`` ru_maxrss; KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mib() -> float:
+    """Current resident set size from /proc (Linux); NaN elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def finite_numbers(obj: Any) -> list[float]:
+    """Every int/float in a nested result (bools and strings skipped), for sanity checks."""
+    out: list[float] = []
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return out
+    if isinstance(obj, int | float):
+        return [float(obj)]
+    if isinstance(obj, Mapping):
+        for v in obj.values():
+            out.extend(finite_numbers(v))
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            out.extend(finite_numbers(v))
+    return out
+
+
+def write_json(result: Mapping[str, Any], path: Path | None) -> None:
+    """Print ``result`` as JSON; also write it atomically to ``path`` when given."""
+    text = json.dumps(result, indent=2, sort_keys=True, default=str)
+    print(text)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+
+
+def distiller_speed_options() -> set[str]:
+    """Which of the Distiller's speed keywords this kdkit has (they are being added)."""
+    import inspect
+
+    from kdkit import Distiller
+
+    params = inspect.signature(Distiller.__init__).parameters
+    return {k for k in ("autocast_dtype", "channels_last", "compile") if k in params}
