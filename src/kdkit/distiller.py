@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -78,6 +78,16 @@ class DistillerOutput:
     student_output: Any
     logits: Tensor
     teacher_logits: list[Tensor] = field(default_factory=list)
+
+
+class _Step(NamedTuple):
+    """What the terms of one step read."""
+
+    logits: Tensor
+    student_features: Mapping[str, Tensor]
+    teacher_logits: list[Tensor]
+    teacher_features: list[dict[str, Tensor]]
+    target: Tensor | None
 
 
 def _paths(spec: str | Sequence[str] | None) -> list[str]:
@@ -540,30 +550,21 @@ class Distiller(nn.Module):
                     f"but the student predicts {logits.shape[-1]} (logits shape "
                     f"{tuple(logits.shape)}); give both models the same number of classes."
                 )
+        step = _Step(logits, student_features, t_logits, t_features, target)
         values: dict[str, Tensor] = {}
         total = logits.new_zeros((), dtype=torch.float32)
         with shared_log_softmax():
             for name, term in self.terms.items():
-                total = total + self._term(
-                    name, term, logits, student_features, t_logits, t_features, target, values
-                )
+                value = self._term(name, term, step)
+                values[name] = value.detach()
+                total = total + term.weight * value
         return DistillerOutput(total, values, student_output, logits, t_logits)
 
-    def _term(
-        self,
-        name: str,
-        term: Term,
-        logits: Tensor,
-        student_features: Mapping[str, Tensor],
-        t_logits: list[Tensor],
-        t_features: list[dict[str, Tensor]],
-        target: Tensor | None,
-        values: dict[str, Tensor],
-    ) -> Tensor:
-        args = self._term_inputs(name, term, logits, student_features, t_logits, t_features)
+    def _term(self, name: str, term: Term, step: _Step) -> Tensor:
+        args = self._term_inputs(name, term, step)
         kwargs = {}
         if term.reads_target:
-            if target is None:
+            if step.target is None:
                 raise ValueError(
                     f"term {name!r} reads labels but target is None; call "
                     "distiller(inputs, target)."
@@ -571,9 +572,9 @@ class Distiller(nn.Module):
             # Losses that do not require labels take them as an optional keyword (e.g.
             # KLDivLoss(ignore_index=...)), after their mask argument.
             if term.teacher is None or getattr(term.loss, "needs_target", False):
-                args.append(target)
+                args.append(step.target)
             else:
-                kwargs["target"] = target
+                kwargs["target"] = step.target
         try:
             value = term.loss(*args, **kwargs)
         except ValueError as e:
@@ -583,24 +584,17 @@ class Distiller(nn.Module):
                 f"term {name!r} is {value.item()} (not finite); lower the learning rate, check "
                 "the inputs for NaN/Inf, or raise the temperature of a soft term."
             )
-        values[name] = value.detach()
-        return term.weight * value
+        return value
 
-    def _term_inputs(
-        self,
-        name: str,
-        term: Term,
-        logits: Tensor,
-        student_features: Mapping[str, Tensor],
-        t_logits: list[Tensor],
-        t_features: list[dict[str, Tensor]],
-    ) -> list[Any]:
+    def _term_inputs(self, name: str, term: Term, step: _Step) -> list[Any]:
         if term.student == LOGITS:
             if term.teacher is None:
-                return [logits]
-            return [logits, self._ensemble(t_logits, float(getattr(term.loss, "temperature", 1.0)))]
+                return [step.logits]
+            temperature = float(getattr(term.loss, "temperature", 1.0))
+            return [step.logits, self._ensemble(step.teacher_logits, temperature)]
         s_vals, t_vals = [], []
-        available = t_features[term.teacher_index] if term.teacher_index < len(t_features) else {}
+        features = step.teacher_features
+        available = features[term.teacher_index] if term.teacher_index < len(features) else {}
         for i, (sp, tp) in enumerate(zip(term.student_paths, term.teacher_paths, strict=True)):
             if tp not in available:
                 raise ValueError(
@@ -608,7 +602,7 @@ class Distiller(nn.Module):
                     f"not contain (it has {sorted(available)}); run the teacher online or cache "
                     "that feature."
                 )
-            s = student_features[sp]
+            s = step.student_features[sp]
             key = f"{name}__{i}"
             if key in self.adapters:
                 s = self.adapters[key](s)

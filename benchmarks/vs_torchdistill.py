@@ -1,0 +1,332 @@
+"""kdkit against torchdistill on the same KD step: step time and peak memory.
+
+torchdistill is not a kdkit dependency and is never imported by kdkit. It lives in its own
+environment, e.g.::
+
+    python3 -m venv /tmp/tdvenv
+    /tmp/tdvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 torchdistill
+
+This script (run from kdkit's venv) looks for a Python that can import torchdistill: the current
+one, ``--td-python``, ``$KDKIT_TD_PYTHON``, or ``/tmp/tdvenv/bin/python``; without one it
+records a skip with the reason. kdkit is put on that Python's path (``PYTHONPATH=src``), so both
+frameworks run in the same interpreter with the same torch:
+
+* time: ONE worker process runs both step functions, interleaved (ratio = median of the
+  per-round ratios kdkit / torchdistill);
+* memory: one fresh worker process per framework runs the same steps and reports its peak
+  resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) and the peak minus the RSS after
+  setup (models built, framework imported) — the training increment.
+
+The same KD on both sides: ``0.5 * CE(y, z_s) + 0.5 * T^2 * KL(p_t || p_s)``, T = 4, batchmean:
+torchdistill's ``DistillationBox`` with a ``WeightedSumLoss`` holding its ``KDLoss(alpha=0.5)``
+on the models' outputs (``forward_process`` + ``post_forward_process``: backward, SGD step);
+kdkit's ``Distiller(student, teacher, [Term(CrossEntropyLoss(), 0.5), Term(KLDivLoss(4), 0.5)])``.
+torchdistill's box does not put the teacher in eval mode itself; the worker does (once), as
+kdkit does on every forward.
+
+    python benchmarks/vs_torchdistill.py [--quick | --smoke] [--td-python PATH] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from common import (  # noqa: E402
+    add_mode_args,
+    current_rss_mib,
+    fmt_ms,
+    fmt_ratio,
+    interleaved,
+    mode_of,
+    paired_ratio,
+    peak_rss_mib,
+    pick,
+    set_threads,
+    summary,
+    write_json,
+)
+
+TEMPERATURE = 4.0
+ALPHA = 0.5
+INSTALL_HINT = (
+    "python3 -m venv /tmp/tdvenv && /tmp/tdvenv/bin/pip install torch==2.14.1 "
+    "torchvision==0.29.1 torchdistill"
+)
+
+
+# ---------------------------------------------------------------------------- worker side
+def _config(mode: str) -> dict[str, Any]:
+    return {
+        "batch": pick(mode, 16, 64, 64),
+        "size": pick(mode, 8, 16, 16),
+        "teacher_width": pick(mode, 8, 32, 32),
+        "student_width": pick(mode, 4, 16, 16),
+        "steps": pick(mode, 2, 10, 20),
+        "repeats": pick(mode, 3, 11, 25),
+        "memory_steps": pick(mode, 3, 20, 40),
+    }
+
+
+def _models(cfg: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+    import torch
+
+    from kdkit.models import create_model
+
+    torch.manual_seed(0)
+    teacher = create_model("small_cnn", 10, width=cfg["teacher_width"]).eval()
+    student = create_model("small_cnn", 10, width=cfg["student_width"])
+    b, s = cfg["batch"], cfg["size"]
+    batches = [(torch.randn(b, 3, s, s), torch.randint(0, 10, (b,))) for _ in range(4)]
+    return teacher, student, batches
+
+
+def _kdkit_step(teacher: Any, student: Any) -> Any:
+    import torch
+
+    from kdkit import Distiller, Term
+    from kdkit.losses import CrossEntropyLoss, KLDivLoss
+
+    distiller = Distiller(
+        student,
+        teacher,
+        [
+            Term(CrossEntropyLoss(), ALPHA, teacher=None, target=True),
+            Term(KLDivLoss(TEMPERATURE), 1.0 - ALPHA),
+        ],
+    ).train()
+    opt = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
+
+    def step(x: Any, y: Any) -> float:
+        out = distiller(x, y)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return out.loss.detach()
+
+    return step
+
+
+def _torchdistill_step(teacher: Any, student: Any) -> Any:
+    import logging
+
+    import torch
+    from torchdistill.core.distillation import DistillationBox
+
+    logging.getLogger("torchdistill").setLevel(logging.WARNING)
+    kd = {
+        "key": "KDLoss",
+        "kwargs": {
+            "student_module_path": ".",
+            "student_module_io": "output",
+            "teacher_module_path": ".",
+            "teacher_module_io": "output",
+            "temperature": TEMPERATURE,
+            "alpha": ALPHA,
+            "reduction": "batchmean",
+        },
+    }
+    train_config = {
+        "num_epochs": 1,
+        "teacher": {"forward_proc": "forward_batch_only", "requires_grad": False},
+        "student": {"forward_proc": "forward_batch_only", "requires_grad": True},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": 0.01, "momentum": 0.9}},
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {"sub_terms": {"kd": {"criterion": kd, "weight": 1.0}}},
+        },
+    }
+    teacher.eval()
+    box = DistillationBox(teacher, student, {}, train_config, torch.device("cpu"), None, False, 1)
+    box.pre_epoch_process(epoch=0)
+
+    def step(x: Any, y: Any) -> float:
+        loss = box.forward_process(x, y, {})
+        box.post_forward_process(loss)
+        return loss.detach()
+
+    return step
+
+
+def _make(framework: str, teacher: Any, student: Any) -> Any:
+    fn = _kdkit_step if framework == "kdkit" else _torchdistill_step
+    return fn(copy.deepcopy(teacher), copy.deepcopy(student))
+
+
+def worker_time(mode: str) -> dict[str, Any]:
+    cfg = _config(mode)
+    teacher, student, batches = _models(cfg)
+    steps = {fw: _make(fw, teacher, student) for fw in ("kdkit", "torchdistill")}
+    # Same initial weights and batch: the first losses must agree (the same KD on both sides).
+    x, y = batches[0]
+    first = {fw: float(step(x, y)) for fw, step in steps.items()}
+
+    def many(step: Any) -> Any:
+        def go() -> None:
+            for i in range(cfg["steps"]):
+                step(*batches[i % len(batches)])
+
+        return go
+
+    times = interleaved({fw: many(s) for fw, s in steps.items()}, cfg["repeats"], warmup=1)
+    per_step = {k: [t / cfg["steps"] for t in v] for k, v in times.items()}
+    import torch
+    import torchdistill
+
+    return {
+        "config": cfg,
+        "torch": torch.__version__,
+        "torchdistill": getattr(torchdistill, "__version__", "?"),
+        "first_loss": first,
+        "first_loss_abs_diff": abs(first["kdkit"] - first["torchdistill"]),
+        "step_s": {k: summary(v) for k, v in per_step.items()},
+        "ratio_kdkit_over_torchdistill": paired_ratio(per_step["kdkit"], per_step["torchdistill"]),
+    }
+
+
+def worker_memory(mode: str, framework: str) -> dict[str, Any]:
+    cfg = _config(mode)
+    if framework == "torchdistill":
+        import torchdistill  # noqa: F401  (its import is part of its footprint)
+    teacher, student, batches = _models(cfg)
+    step = _make(framework, teacher, student)
+    del teacher, student
+    after_setup = current_rss_mib()
+    for i in range(cfg["memory_steps"]):
+        step(*batches[i % len(batches)])
+    peak = peak_rss_mib()
+    return {"peak_rss_mib": peak, "setup_rss_mib": after_setup, "train_peak_over_setup_mib": peak - after_setup}
+
+
+# ---------------------------------------------------------------------------- driver side
+def find_td_python(explicit: str | None = None) -> tuple[str | None, str]:
+    """A Python that imports torchdistill, and how it was found (or why none was)."""
+    candidates = [explicit, os.environ.get("KDKIT_TD_PYTHON"), sys.executable, "/tmp/tdvenv/bin/python"]
+    tried = []
+    for cand in candidates:
+        if not cand or cand in tried:
+            continue
+        tried.append(cand)
+        if not Path(cand).exists():
+            continue
+        ok = subprocess.run(
+            [cand, "-c", "import torchdistill"], capture_output=True, text=True, timeout=120
+        )
+        if ok.returncode == 0:
+            return cand, f"torchdistill imported by {cand}"
+    return None, (
+        f"not measured: torchdistill is not importable by any of {tried}; install it in a "
+        f"separate venv: {INSTALL_HINT} (or pass --td-python)"
+    )
+
+
+def _run_worker(python: str, args: list[str], threads: int | None) -> dict[str, Any]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT / "src"), str(HERE)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    cmd = [python, str(Path(__file__).resolve()), *args]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"vs_torchdistill worker {args} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(mode: str = "quick", threads: int | None = None, td_python: str | None = None) -> dict[str, Any]:
+    threads = set_threads(threads)
+    python, how = find_td_python(td_python)
+    result: dict[str, Any] = {"benchmark": "vs_torchdistill", "mode": mode, "threads": threads}
+    if python is None:
+        result.update(measured=False, reason=how)
+        print(how, file=sys.stderr)
+        return result
+    timing = _run_worker(python, ["--worker", "time", "--mode", mode], threads)
+    memory = {
+        fw: _run_worker(python, ["--worker", "memory", "--framework", fw, "--mode", mode], threads)
+        for fw in ("kdkit", "torchdistill")
+    }
+    result.update(
+        measured=True,
+        python=python,
+        timing=timing,
+        memory=memory,
+        memory_method="getrusage ru_maxrss, one fresh process per framework",
+        ratio_peak_rss_kdkit_over_torchdistill=memory["kdkit"]["peak_rss_mib"]
+        / memory["torchdistill"]["peak_rss_mib"],
+        ratio_train_increment_kdkit_over_torchdistill=(
+            memory["kdkit"]["train_peak_over_setup_mib"]
+            / memory["torchdistill"]["train_peak_over_setup_mib"]
+            if memory["torchdistill"]["train_peak_over_setup_mib"] > 0
+            else None
+        ),
+    )
+    return result
+
+
+def report(result: dict[str, Any]) -> str:
+    if not result.get("measured"):
+        return f"- {result['reason']}"
+    t = result["timing"]
+    m = result["memory"]
+    c = t["config"]
+    inc = result["ratio_train_increment_kdkit_over_torchdistill"]
+    return "\n".join(
+        [
+            f"- torch {t['torch']}, torchdistill {t['torchdistill']} (interpreter "
+            f"`{result['python']}`); teacher small_cnn(width={c['teacher_width']}), student "
+            f"small_cnn(width={c['student_width']}), input [{c['batch']}, 3, {c['size']}, "
+            f"{c['size']}], 0.5 CE + 0.5 T^2 KL (T=4), SGD; {result['threads']} torch threads",
+            f"- first-step loss: kdkit {t['first_loss']['kdkit']:.6f}, torchdistill "
+            f"{t['first_loss']['torchdistill']:.6f} (same KD; |diff| "
+            f"{t['first_loss_abs_diff']:.2e})",
+            f"- step time: kdkit {fmt_ms(t['step_s']['kdkit'])}, torchdistill "
+            f"{fmt_ms(t['step_s']['torchdistill'])}",
+            f"- **step-time ratio kdkit / torchdistill: "
+            f"{fmt_ratio(t['ratio_kdkit_over_torchdistill'])}**",
+            f"- peak RSS ({result['memory_method']}): kdkit {m['kdkit']['peak_rss_mib']:.0f} MiB, "
+            f"torchdistill {m['torchdistill']['peak_rss_mib']:.0f} MiB; **ratio "
+            f"{result['ratio_peak_rss_kdkit_over_torchdistill']:.3f}**",
+            f"- training increment (peak - RSS after setup): kdkit "
+            f"{m['kdkit']['train_peak_over_setup_mib']:.1f} MiB, torchdistill "
+            f"{m['torchdistill']['train_peak_over_setup_mib']:.1f} MiB"
+            + (f"; ratio {inc:.3f}" if inc is not None else ""),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    parser = add_mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--td-python", default=None, help="a Python that imports torchdistill")
+    parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
+    parser.add_argument("--framework", choices=["kdkit", "torchdistill"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=["smoke", "quick", "full"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        set_threads(args.threads)
+        out = worker_time(args.mode) if args.worker == "time" else worker_memory(
+            args.mode, args.framework
+        )
+        print(json.dumps(out))
+        return None
+    result = run(mode_of(args), args.threads, args.td_python)
+    write_json(result, args.json)
+    print(report(result), file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()
