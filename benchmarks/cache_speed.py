@@ -1,14 +1,15 @@
 """Epoch time of distillation from a TeacherCache vs the online teacher vs no teacher at all.
 
-Same student (three copies of one initialisation), same data, same DataLoader settings:
+Same student (three copies of one initialisation), same data, same batches in the same order:
 
 * ``student_only``: cross-entropy on the labels, no teacher;
 * ``cached``: ``Distiller(student, cache, [CE, KL(T=4)])`` reading a dense ``TeacherCache`` by
   sample index (built once before timing; its build time is reported separately);
 * ``online``: ``Distiller(student, teacher, [CE, KL(T=4)])`` running the teacher every step.
 
-The teacher is much bigger than the student, so its cost is visible. Epochs of the three
-variants alternate; ratios are medians of the per-round ratios.
+The teacher is much bigger than the student, so its cost is visible. The three variants take
+turns batch by batch (each epoch time = its batches' fetch + step times), so the three epochs of
+a repetition see the same machine load; ratios are medians of the per-repetition ratios.
 
     python benchmarks/cache_speed.py [--quick | --smoke] [--json out.json]
 """
@@ -32,7 +33,6 @@ from common import (  # noqa: E402
     add_mode_args,
     fmt_ms,
     fmt_ratio,
-    interleaved,
     mode_of,
     paired_ratio,
     pick,
@@ -57,12 +57,48 @@ def _terms() -> list[Term]:
     ]
 
 
+def interleaved_epochs(
+    steps: dict[str, Any], make_loader: Any, repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Epoch times of each variant, the variants taking turns batch by batch.
+
+    Each variant has its own DataLoader; in every round each variant fetches and trains on its
+    next batch (rotating order), and the time of fetch + step is added to its epoch. So the
+    epochs of one repetition run at the same time and see the same machine load.
+    """
+    names = list(steps)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(warmup + repeats):
+        iters = {n: iter(make_loader(rep)) for n in names}
+        epoch = dict.fromkeys(names, 0.0)
+        done: set[str] = set()
+        turn = 0
+        while len(done) < len(names):
+            shift = turn % len(names)
+            for n in names[shift:] + names[:shift]:
+                if n in done:
+                    continue
+                start = time.perf_counter()
+                try:
+                    x, y, idx = next(iters[n])
+                except StopIteration:
+                    done.add(n)
+                    continue
+                steps[n](x, y, idx)
+                epoch[n] += time.perf_counter() - start
+            turn += 1
+        if rep >= warmup:
+            for n in names:
+                times[n].append(epoch[n])
+    return times
+
+
 def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
     threads = set_threads(threads)
     size = pick(mode, 128, 1024, 4096)
     shape = (3, 16, 16)
     batch = pick(mode, 32, 128, 128)
-    repeats = pick(mode, 2, 5, 9)
+    repeats = pick(mode, 2, 5, 11)
     teacher_width = pick(mode, 8, 48, 48)
     student_hidden = (64,)
     splits = build_datasets(
@@ -78,39 +114,39 @@ def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
         cache = TeacherCache.build(teacher, data, Path(tmp) / "cache", batch_size=256)
         build_s = time.perf_counter() - start
 
-        def loader() -> DataLoader:
-            return DataLoader(data, batch_size=batch, shuffle=True, num_workers=0)
+        def loader(rep: int) -> DataLoader:
+            # Seeded by the repetition: every variant gets the same batches in the same order.
+            gen = torch.Generator().manual_seed(rep)
+            return DataLoader(data, batch_size=batch, shuffle=True, num_workers=0, generator=gen)
 
-        variants = {}
         s_plain = copy.deepcopy(student).train()
         opt_plain = torch.optim.SGD(s_plain.parameters(), lr=0.05, momentum=0.9)
         ce = CrossEntropyLoss()
 
-        def plain_epoch() -> None:
-            for x, y, _ in loader():
-                loss = ce(s_plain(x), y)
-                opt_plain.zero_grad(set_to_none=True)
-                loss.backward()
-                opt_plain.step()
+        def plain_step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
+            loss = ce(s_plain(x), y)
+            opt_plain.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_plain.step()
 
-        variants["student_only"] = plain_epoch
-
-        def kd_epoch_fn(teacher_or_cache: Any) -> Any:
+        def kd_step_fn(teacher_or_cache: Any) -> Any:
             distiller = Distiller(copy.deepcopy(student), teacher_or_cache, _terms()).train()
             opt = torch.optim.SGD(distiller.parameters(), lr=0.05, momentum=0.9)
 
-            def epoch() -> None:
-                for x, y, idx in loader():
-                    out = distiller(x, y, index=idx)
-                    opt.zero_grad(set_to_none=True)
-                    out.loss.backward()
-                    opt.step()
+            def step(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
+                out = distiller(x, y, index=idx)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                opt.step()
 
-            return epoch
+            return step
 
-        variants["cached"] = kd_epoch_fn(cache)
-        variants["online"] = kd_epoch_fn(copy.deepcopy(teacher))
-        times = interleaved(variants, repeats, warmup=1)
+        steps = {
+            "student_only": plain_step,
+            "cached": kd_step_fn(cache),
+            "online": kd_step_fn(copy.deepcopy(teacher)),
+        }
+        times = interleaved_epochs(steps, loader, repeats)
         bytes_per_sample = cache.bytes_per_sample
 
     cached_ratio = paired_ratio(times["cached"], times["student_only"])

@@ -11,8 +11,8 @@ one, ``--td-python``, ``$KDKIT_TD_PYTHON``, or ``/tmp/tdvenv/bin/python``; witho
 records a skip with the reason. kdkit is put on that Python's path (``PYTHONPATH=src``), so both
 frameworks run in the same interpreter with the same torch:
 
-* time: ONE worker process runs both step functions, interleaved (ratio = median of the
-  per-round ratios kdkit / torchdistill);
+* time: ONE worker process runs both step functions, alternating step by step (ratio = median
+  of the per-pair ratios kdkit / torchdistill);
 * memory: one fresh worker process per framework runs the same steps and reports its peak
   resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) and the peak minus the RSS after
   setup (models built, framework imported) — the training increment.
@@ -72,8 +72,9 @@ def _config(mode: str) -> dict[str, Any]:
         "size": pick(mode, 8, 16, 16),
         "teacher_width": pick(mode, 8, 32, 32),
         "student_width": pick(mode, 4, 16, 16),
-        "steps": pick(mode, 2, 10, 20),
-        "repeats": pick(mode, 3, 11, 25),
+        # one step per repetition, frameworks alternating step by step (same machine load)
+        "steps": 1,
+        "repeats": pick(mode, 4, 100, 300),
         "memory_steps": pick(mode, 3, 20, 40),
     }
 
@@ -172,13 +173,16 @@ def worker_time(mode: str) -> dict[str, Any]:
     first = {fw: float(step(x, y)) for fw, step in steps.items()}
 
     def many(step: Any) -> Any:
+        count = [0]
+
         def go() -> None:
-            for i in range(cfg["steps"]):
-                step(*batches[i % len(batches)])
+            for _ in range(cfg["steps"]):
+                step(*batches[count[0] % len(batches)])
+                count[0] += 1
 
         return go
 
-    times = interleaved({fw: many(s) for fw, s in steps.items()}, cfg["repeats"], warmup=1)
+    times = interleaved({fw: many(s) for fw, s in steps.items()}, cfg["repeats"], warmup=3)
     per_step = {k: [t / cfg["steps"] for t in v] for k, v in times.items()}
     import torch
     import torchdistill
@@ -205,13 +209,22 @@ def worker_memory(mode: str, framework: str) -> dict[str, Any]:
     for i in range(cfg["memory_steps"]):
         step(*batches[i % len(batches)])
     peak = peak_rss_mib()
-    return {"peak_rss_mib": peak, "setup_rss_mib": after_setup, "train_peak_over_setup_mib": peak - after_setup}
+    return {
+        "peak_rss_mib": peak,
+        "setup_rss_mib": after_setup,
+        "train_peak_over_setup_mib": peak - after_setup,
+    }
 
 
 # ---------------------------------------------------------------------------- driver side
 def find_td_python(explicit: str | None = None) -> tuple[str | None, str]:
     """A Python that imports torchdistill, and how it was found (or why none was)."""
-    candidates = [explicit, os.environ.get("KDKIT_TD_PYTHON"), sys.executable, "/tmp/tdvenv/bin/python"]
+    candidates = [
+        explicit,
+        os.environ.get("KDKIT_TD_PYTHON"),
+        sys.executable,
+        "/tmp/tdvenv/bin/python",
+    ]
     tried = []
     for cand in candidates:
         if not cand or cand in tried:
@@ -246,7 +259,9 @@ def _run_worker(python: str, args: list[str], threads: int | None) -> dict[str, 
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(mode: str = "quick", threads: int | None = None, td_python: str | None = None) -> dict[str, Any]:
+def run(
+    mode: str = "quick", threads: int | None = None, td_python: str | None = None
+) -> dict[str, Any]:
     threads = set_threads(threads)
     python, how = find_td_python(td_python)
     result: dict[str, Any] = {"benchmark": "vs_torchdistill", "mode": mode, "threads": threads}
@@ -317,8 +332,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parser.parse_args(argv)
     if args.worker:
         set_threads(args.threads)
-        out = worker_time(args.mode) if args.worker == "time" else worker_memory(
-            args.mode, args.framework
+        out = (
+            worker_time(args.mode)
+            if args.worker == "time"
+            else worker_memory(args.mode, args.framework)
         )
         print(json.dumps(out))
         return None

@@ -11,7 +11,6 @@ from rich.console import Console
 from kdkit import report
 from kdkit.report import (
     ModelReport,
-    atomic_write_bytes,
     build_report,
     load_report,
     print_report,
@@ -191,24 +190,6 @@ def test_render_table_and_print_report() -> None:
     text = console.export_text()
     assert "mlp-kd" in text and "92.50" in text and "4.00×" in text
     assert "closed 50.0% of the accuracy gap" in text
-
-
-def test_atomic_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
-    target = tmp_path / "out.bin"
-
-    def write_half_then_fail(f) -> None:
-        f.write(b"partial")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        report._atomic_write(target, write_half_then_fail)
-    assert list(tmp_path.iterdir()) == []  # neither the final file nor the temp file
-
-    atomic_write_bytes(target, b"old")
-    with pytest.raises(OSError, match="disk full"):
-        report._atomic_write(target, write_half_then_fail)
-    assert target.read_bytes() == b"old"
-    assert list(tmp_path.iterdir()) == [target]
 
 
 def test_build_report_failure_keeps_previous_report(

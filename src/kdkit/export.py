@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdkit.report import atomic_path
+from kdkit.atomic import atomic_path
 
 __all__ = ["ExportMismatchError", "check_onnx", "export_onnx", "export_torchscript"]
 

@@ -7,7 +7,6 @@ same table in the terminal with rich. Every file is written atomically.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import importlib.metadata
@@ -15,22 +14,22 @@ import io
 import json
 import math
 import os
-import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from kdkit.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from kdkit.evaluation import gap_closed
 
 __all__ = [
     "ROLES",
     "ModelReport",
+    # Re-exported: kdkit.pipeline imports these two from here (they live in kdkit.atomic).
     "atomic_path",
-    "atomic_write_bytes",
     "atomic_write_text",
     "build_report",
     "load_report",
@@ -41,55 +40,6 @@ __all__ = [
 
 ROLES = ("teacher", "scratch", "distilled")
 REPORT_FORMAT_VERSION = 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-# ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
-
-    Whatever the body writes to the yielded path becomes ``path`` only when the body finishes
-    without raising; otherwise the temporary file is removed and ``path`` is left untouched (a
-    reader never sees a half-written file). The parent directory is created if missing.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is a rename on one filesystem (atomic on POSIX and Windows).
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(
-                f"atomic write of {final}: nothing was written to the temporary file {tmp}."
-            )
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            # Data on disk before the rename, so a crash cannot leave an empty final file.
-            os.fsync(f.fileno())
-    return Path(path)
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory + os.replace)."""
-    return _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------

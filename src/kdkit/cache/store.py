@@ -1,25 +1,6 @@
-"""Teacher outputs computed once, stored memory-mapped, fingerprinted, and read back by index.
+"""The teacher cache on disk: build (resumable), open (verified), read back by sample index.
 
-Layout of a cache directory ``path``::
-
-    path/meta.json          shapes, dtypes, top_k, fingerprint, sha256 per array, samples done
-    path/logits.npy         dense: [K, N, *S] float32 (or float16); S = per-sample logits shape
-    path/topk_logp.npy      top-k: [K, N, *S[:-1], k] log-probabilities (float16 by default)
-    path/topk_index.npy            [K, N, *S[:-1], k] class indices (int16 if C < 2**15, else int32)
-    path/topk_tail.npy             [K, N, *S[:-1]]    tail mass 1 - sum(top-k probs), float32
-    path/feat_000.npy       one array per cached feature path, [K, N, *F]
-
-K is the number of augmented views (``epochs``), N the number of samples, classes are on the
-last dim of the logits (so [B, C] classifier logits and [B, L, V] token logits both work).
-Each output is ONE contiguous ``.npy`` file opened with ``numpy.load(mmap_mode="r")``; a read
-of a batch of indices touches only those rows. Under DDP each rank therefore reads only the
-pages of its own samples: open the same cache on every rank (read-only, no locking needed) and
-call ``teacher_output(index)`` with the indices of the rank's batch. Build it on one rank only.
-
-A cache is only valid for the teacher weights, the data and the transform it was built from:
-``meta.json`` holds a fingerprint of each, and :meth:`TeacherCache.open` refuses a mismatch and
-names which part differs. With random augmentation the cache only works through
-:class:`SeededViews`, which replays the exact view the teacher saw.
+See :mod:`kdkit.cache` for the directory layout.
 """
 
 from __future__ import annotations
@@ -28,8 +9,6 @@ import hashlib
 import json
 import math
 import os
-import random
-import re
 import shutil
 import warnings
 from collections.abc import Callable, Sequence
@@ -41,338 +20,25 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["SeededViews", "TeacherCache", "fingerprint_dataset", "fingerprint_teacher"]
+from kdkit.atomic import atomic_write_text
+from kdkit.cache.checks import _WRAP_HINT, _check_indexed, _check_replayable
+from kdkit.cache.fingerprint import (
+    _dataset_name,
+    _fingerprint,
+    _transform_identity,
+    fingerprint_dataset,
+    fingerprint_teacher,
+)
+from kdkit.cache.topk import _index_dtype, topk_compress, topk_reconstruct
+from kdkit.cache.views import SeededViews, _at_view, _find_seeded_views
+
+__all__ = ["FORMAT_VERSION", "TeacherCache"]
 
 FORMAT_VERSION = 1
 _META = "meta.json"
 _PARTIAL_META = "meta.json.partial"
 _REBUILD_HINT = "rebuild it with `kdkit.cache.TeacherCache.build(...)` or `kdkit cache`"
-_WRAP_HINT = "wrap it: `kdkit.data.IndexedDataset(dataset)`"
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-# --------------------------------------------------------------------------------------------
-# Seeded, replayable augmentation
-# --------------------------------------------------------------------------------------------
-
-
-class SeededViews(Dataset):
-    """Apply ``transform`` under an RNG seeded from ``(seed, view, index)``: a replayable view.
-
-    ``dataset[index]`` must return ``(x, y, ...)``; this yields ``(transform(x), y, index)``, so it
-    also serves as the indexed dataset the cache needs. The base read and the transform run
-    under ``torch.random.fork_rng`` with ``torch.manual_seed(s)`` (Python's ``random`` and
-    NumPy's global RNG are seeded with ``s`` too and restored afterwards), where ``s`` depends
-    only on ``(seed, view, index)`` and ``view = epoch % num_views``. The student therefore sees,
-    at any epoch, exactly the view the teacher saw when the cache was built — in any process,
-    any DataLoader worker and any order.
-
-    Use the same ``transform``, ``seed`` and ``num_views`` (= the cache's ``epochs``) for the
-    build and for training, or get the training wrapper from :meth:`TeacherCache.seeded_views`.
-    ``num_views=None`` means every epoch is a fresh view (not cacheable beyond one epoch).
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        transform: Callable[[Any], Any] | None = None,
-        seed: int = 0,
-        num_views: int | None = None,
-    ) -> None:
-        if num_views is not None and (not isinstance(num_views, int) or num_views < 1):
-            raise ValueError(
-                f"SeededViews num_views must be a positive int or None, got {num_views!r}; "
-                "pass the cache's `epochs`"
-            )
-        self.dataset = dataset
-        self.transform = transform
-        self.seed = int(seed)
-        self.num_views = num_views
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the view ``__getitem__`` serves; call once per epoch like DistributedSampler."""
-        self.epoch = int(epoch)
-
-    @property
-    def view(self) -> int:
-        return self.epoch % self.num_views if self.num_views else self.epoch
-
-    def view_seed(self, index: int, view: int | None = None) -> int:
-        """The 63-bit seed of sample ``index`` in ``view`` (default: the current view)."""
-        view = self.view if view is None else view
-        digest = hashlib.sha256(f"kdkit-view:{self.seed}:{view}:{int(index)}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        index = int(index)
-        seed = self.view_seed(index)
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        try:
-            # devices=[] keeps CUDA RNGs untouched: transforms run on CPU in dataset code.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % (2**32))
-                item = self.dataset[index]
-                if not isinstance(item, (tuple, list)) or len(item) < 2:
-                    raise TypeError(
-                        f"SeededViews: dataset[{index}] returned {type(item).__name__}; "
-                        "expected a tuple (x, y, ...)"
-                    )
-                x, y = item[0], item[1]
-                if self.transform is not None:
-                    x = self.transform(x)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-        return x, y, index
-
-    def __repr__(self) -> str:
-        return (
-            f"SeededViews(seed={self.seed}, num_views={self.num_views}, "
-            f"transform={self.transform!r})"
-        )
-
-
-# --------------------------------------------------------------------------------------------
-# Fingerprints
-# --------------------------------------------------------------------------------------------
-
-
-def _tensor_bytes(t: Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes()
-
-
-def _hash_update(h: Any, obj: Any) -> None:
-    """Feed ``obj`` (tensors, arrays, images, numbers, strings, nested containers) into ``h``."""
-    if isinstance(obj, Tensor):
-        h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
-        h.update(_tensor_bytes(obj))
-    elif isinstance(obj, np.ndarray):
-        h.update(f"A{obj.dtype}{obj.shape}".encode())
-        h.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, dict):
-        h.update(b"D")
-        for key in sorted(obj, key=str):
-            h.update(str(key).encode())
-            _hash_update(h, obj[key])
-    elif isinstance(obj, (tuple, list)):
-        h.update(f"L{len(obj)}".encode())
-        for item in obj:
-            _hash_update(h, item)
-    elif isinstance(obj, (int, float, str, bool, bytes)) or obj is None:
-        h.update(repr(obj).encode())
-    elif hasattr(obj, "tobytes") and hasattr(obj, "size") and hasattr(obj, "mode"):
-        h.update(f"I{obj.mode}{obj.size}".encode())  # PIL image
-        h.update(obj.tobytes())
-    else:
-        h.update(_ADDRESS.sub("", repr(obj)).encode())
-
-
-def fingerprint_teacher(teacher: nn.Module) -> str:
-    """sha256 over the teacher's ``state_dict`` (names, dtypes, shapes, bytes), sorted by name."""
-    h = hashlib.sha256()
-    state = teacher.state_dict()
-    for name in sorted(state):
-        value = state[name]
-        h.update(name.encode())
-        _hash_update(h, value)
-    return h.hexdigest()
-
-
-def _probe_indices(n: int) -> list[int]:
-    return sorted({0, n // 2, n - 1}) if n > 0 else []
-
-
-def _sample_hash(item: Any) -> str:
-    h = hashlib.sha256()
-    _hash_update(h, item[:2] if isinstance(item, (tuple, list)) else item)
-    return h.hexdigest()
-
-
-def fingerprint_dataset(dataset: Dataset) -> str:
-    """sha256 of class name, length and the first/middle/last samples' ``(x, y)``.
-
-    A :class:`SeededViews` is read at view 0, so its (random) augmentation is replayed exactly.
-    """
-    h = hashlib.sha256()
-    n = len(dataset)  # type: ignore[arg-type]
-    h.update(f"{_dataset_name(dataset)}:{n}".encode())
-    with _at_view(dataset, 0):
-        for i in _probe_indices(n):
-            h.update(_sample_hash(dataset[i]).encode())
-    return h.hexdigest()
-
-
-def _dataset_name(dataset: Any) -> str:
-    names = []
-    for _ in range(16):
-        names.append(type(dataset).__name__)
-        inner = getattr(dataset, "dataset", None)
-        if inner is None or inner is dataset:
-            break
-        dataset = inner
-    return "/".join(names)
-
-
-def _transform_identity(dataset: Any, transform_id: str | None) -> str:
-    """``transform_id`` if given, else the reprs of every ``transform`` along the wrapper chain."""
-    if transform_id is not None:
-        return f"id:{transform_id}"
-    parts = []
-    obj = dataset
-    for _ in range(16):
-        if isinstance(obj, SeededViews):
-            parts.append(f"SeededViews(seed={obj.seed}, num_views={obj.num_views})")
-        for attr in ("transform", "target_transform", "transforms"):
-            value = getattr(obj, attr, None)
-            if value is not None and not isinstance(value, (Tensor, np.ndarray)):
-                parts.append(f"{attr}={value!r}")
-        inner = getattr(obj, "dataset", None)
-        if inner is None or inner is obj:
-            break
-        obj = inner
-    text = "; ".join(parts) or "none"
-    stable = _ADDRESS.sub("", text)
-    if stable != text:
-        warnings.warn(
-            "TeacherCache: the dataset's transform repr contains memory addresses (a lambda or "
-            "an object without __repr__), so it cannot identify the transform; pass an explicit "
-            "`transform_id=` to TeacherCache.build and TeacherCache.open",
-            stacklevel=3,
-        )
-    return "repr:" + stable
-
-
-def _fingerprint(teacher: nn.Module, dataset: Dataset, transform_id: str | None) -> dict:
-    return {
-        "teacher": fingerprint_teacher(teacher),
-        "dataset": fingerprint_dataset(dataset),
-        "transform": hashlib.sha256(
-            _transform_identity(dataset, transform_id).encode()
-        ).hexdigest(),
-    }
-
-
-class _at_view:
-    """Temporarily put a SeededViews (anywhere in the wrapper chain) on ``view``."""
-
-    def __init__(self, dataset: Any, view: int) -> None:
-        self.views = []
-        obj = dataset
-        for _ in range(16):
-            if isinstance(obj, SeededViews):
-                self.views.append(obj)
-            inner = getattr(obj, "dataset", None)
-            if inner is None or inner is obj:
-                break
-            obj = inner
-        self.view = view
-        self.saved: list[int] = []
-
-    def __enter__(self) -> _at_view:
-        self.saved = [v.epoch for v in self.views]
-        for v in self.views:
-            v.set_epoch(self.view)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for v, epoch in zip(self.views, self.saved, strict=True):
-            v.set_epoch(epoch)
-
-
-def _find_seeded_views(dataset: Any) -> SeededViews | None:
-    obj = dataset
-    for _ in range(16):
-        if isinstance(obj, SeededViews):
-            return obj
-        inner = getattr(obj, "dataset", None)
-        if inner is None or inner is obj:
-            return None
-        obj = inner
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Dataset checks
-# --------------------------------------------------------------------------------------------
-
-
-def _index_of(item: Any) -> int | None:
-    if not isinstance(item, (tuple, list)) or len(item) != 3:
-        return None
-    idx = item[2]
-    if isinstance(idx, Tensor):
-        if idx.numel() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
-            return None
-        return int(idx.item())
-    if isinstance(idx, (int, np.integer)) and not isinstance(idx, bool):
-        return int(idx)
-    return None
-
-
-def _check_indexed(dataset: Dataset, n: int) -> None:
-    for i in _probe_indices(n):
-        item = dataset[i]
-        got = _index_of(item)
-        if got != i:
-            shape = (
-                f"a tuple of {len(item)} items"
-                if isinstance(item, (tuple, list))
-                else type(item).__name__
-            )
-            detail = f"index {got}" if got is not None else shape
-            raise ValueError(
-                f"TeacherCache: dataset[{i}] returned {detail}, but the cache needs each sample "
-                f"as (x, y, index) with index == {i} so that teacher outputs are stored and read "
-                f"by sample index; {_WRAP_HINT}"
-            )
-
-
-def _check_replayable(dataset: Dataset, n: int, epochs: int) -> None:
-    views = _find_seeded_views(dataset)
-    if views is not None and views.num_views != epochs:
-        raise ValueError(
-            f"TeacherCache: SeededViews.num_views is {views.num_views!r} but epochs={epochs}; "
-            f"they must be equal so that training epoch e replays cached view e % {epochs}. "
-            f"Create it as SeededViews(dataset, transform, seed, num_views={epochs})"
-        )
-    if epochs > 1 and views is None:
-        raise ValueError(
-            f"TeacherCache: epochs={epochs} stores {epochs} augmented views per sample, which "
-            "needs a dataset that can replay them; wrap it in "
-            f"`kdkit.cache.SeededViews(dataset, transform, seed, num_views={epochs})`, or use "
-            "epochs=1 for a deterministic dataset"
-        )
-    with _at_view(dataset, 0):
-        for i in _probe_indices(n):
-            if _sample_hash(dataset[i]) != _sample_hash(dataset[i]):
-                where = (
-                    "inside SeededViews (the base dataset or transform uses an RNG that is not "
-                    "torch's, Python's or NumPy's global one)"
-                    if views is not None
-                    else ""
-                )
-                raise ValueError(
-                    f"TeacherCache: dataset[{i}] returned different inputs on two reads{where}: "
-                    "it applies random augmentation that the cache cannot replay, so a cached "
-                    "teacher output would be paired with a different view. Move the random "
-                    "transform into `kdkit.cache.SeededViews(dataset, transform, seed, "
-                    "num_views=epochs)` (the student then sees the view the teacher saw), or "
-                    "train with the online teacher (no cache)"
-                )
-
-
-# --------------------------------------------------------------------------------------------
-# Small helpers
-# --------------------------------------------------------------------------------------------
 
 
 def _sha256_file(path: Path) -> str:
@@ -384,12 +50,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _default_logits(output: Any) -> Tensor:
@@ -420,47 +81,17 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return x
 
 
-def _index_dtype(num_classes: int) -> np.dtype:
-    return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
-
-
-def topk_compress(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k log-probabilities, their class indices and the tail mass, over the last dim.
-
-    ``logp = log_softmax(z)``; ``values, index = topk(logp, k)``;
-    ``tail = sum_{c not in top-k} p_c`` (computed as exp(logsumexp) of the rest, which keeps
-    its precision when the tail is tiny, instead of 1 - sum(top-k probs)). tail = 0 when k = C.
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    values, index = logp.topk(k, dim=-1)
-    rest = logp.scatter(-1, index, float("-inf"))
-    tail = rest.logsumexp(dim=-1).exp() if k < logits.shape[-1] else torch.zeros_like(logp[..., 0])
-    return values, index, tail
-
-
-def topk_reconstruct(values: Tensor, index: Tensor, tail: Tensor, num_classes: int) -> Tensor:
-    """Teacher logits from top-k: ``z_c = log p_c`` at the top-k classes and
-    ``z_c = log(tail / (C - k))`` for each of the other C - k classes.
-
-    ``softmax(z)`` equals the teacher's probabilities at the top-k classes and spreads the tail
-    mass evenly over the rest; it is exact (up to the storage dtype) when k = C. The tail is
-    clamped to the smallest normal float32 so that z stays finite (losses with -inf teacher
-    logits give NaN).
-    """
-    values = values.float()
-    k = values.shape[-1]
-    if k == num_classes:
-        out = torch.empty(*values.shape[:-1], num_classes, dtype=torch.float32)
-    else:
-        tiny = torch.finfo(torch.float32).tiny
-        fill = torch.log(tail.float().clamp_min(tiny) / (num_classes - k))
-        out = fill.unsqueeze(-1).expand(*values.shape[:-1], num_classes).clone()
-    return out.scatter_(-1, index.long(), values)
-
-
-# --------------------------------------------------------------------------------------------
-# The cache
-# --------------------------------------------------------------------------------------------
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename the finished directory ``src`` to ``dst``, replacing any directory already there."""
+    # A directory cannot be os.replace'd over a non-empty one: move the old one aside first.
+    old_dir = dst.parent / f".{dst.name}.old"
+    if old_dir.exists():
+        shutil.rmtree(old_dir)
+    if dst.exists():
+        os.replace(dst, old_dir)
+    os.replace(src, dst)
+    if old_dir.exists():
+        shutil.rmtree(old_dir)
 
 
 class TeacherCache:
@@ -841,15 +472,7 @@ class TeacherCache:
             info["sha256"] = _sha256_file(file)
         _write_json_atomic(tmp / _META, meta)
         partial.unlink()
-        # A directory cannot be os.replace'd over a non-empty one: move the old one aside first.
-        old_dir = path.parent / f".{path.name}.old"
-        if old_dir.exists():
-            shutil.rmtree(old_dir)
-        if path.exists():
-            os.replace(path, old_dir)
-        os.replace(tmp, path)
-        if old_dir.exists():
-            shutil.rmtree(old_dir)
+        _replace_dir(tmp, path)
         return cls.open(path, verify=False)
 
     @staticmethod

@@ -1,0 +1,66 @@
+"""kdkit.atomic: a destination holds the old bytes or the new ones, never a partial write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kdkit.atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text
+
+
+def test_atomic_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
+    target = tmp_path / "out.bin"
+
+    def write_half_then_fail(f) -> None:
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, write_half_then_fail)
+    assert list(tmp_path.iterdir()) == []  # neither the final file nor the temp file
+
+    assert atomic_write(target, lambda f: f.write(b"old")) == target
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, write_half_then_fail)
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_write_bytes_and_text_replace_and_create_parents(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "dir" / "f.txt"
+    assert atomic_write_text(target, "héllo\n") == target
+    assert target.read_bytes() == "héllo\n".encode()
+    assert atomic_write_bytes(target, b"\x00\x01") == target
+    assert target.read_bytes() == b"\x00\x01"
+    assert [p.name for p in target.parent.iterdir()] == ["f.txt"]  # no temp file left
+
+
+def test_atomic_path_temp_is_hidden_sibling_and_replaces_on_success(tmp_path: Path) -> None:
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"v1")
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path
+        assert tmp.name.startswith(".model.pt.") and tmp.name.endswith(".tmp")
+        tmp.write_bytes(b"v2")
+        assert target.read_bytes() == b"v1"  # unchanged until the body finishes
+    assert target.read_bytes() == b"v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_atomic_path_body_error_keeps_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"v1")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("boom")
+    assert target.read_bytes() == b"v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def test_atomic_path_nothing_written_raises_and_keeps_old_file(tmp_path: Path) -> None:
+    target = tmp_path / "model.pt"
+    target.write_bytes(b"v1")
+    with pytest.raises(FileNotFoundError, match="nothing was written"), atomic_path(target):
+        pass
+    assert target.read_bytes() == b"v1"
