@@ -79,7 +79,7 @@ def test_predict_accepts_tuple_and_dict_outputs() -> None:
 
 
 def test_predict_rejects_bad_batches() -> None:
-    with pytest.raises(TypeError, match=r"expected \(inputs, targets\)"):
+    with pytest.raises(TypeError, match=r"must be \(inputs, labels\) or \(inputs, labels, index\)"):
         predict(LookupModel(LOGITS), [torch.arange(4)])
     with pytest.raises(ValueError, match="no batches"):
         predict(LookupModel(LOGITS), [])

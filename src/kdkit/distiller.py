@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.adapters import build_adapter, probe_shapes
+from kdkit.batch import call_model
 from kdkit.capture import FeatureCapture, resolve_module, select_tensor
 from kdkit.functional import shared_log_softmax
 
@@ -119,14 +120,6 @@ def _to_channels_last(inputs: Any) -> Any:
     if isinstance(inputs, tuple | list):
         return type(inputs)(_to_channels_last(v) for v in inputs)
     return inputs
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
 
 
 class Distiller(nn.Module):
@@ -361,12 +354,10 @@ class Distiller(nn.Module):
 
     def teacher_logits(self, inputs: Any) -> Tensor:
         """The teachers' logits for ``inputs`` (eval mode, no grad), several ensembled at T=1."""
-        outputs = []
-        with torch.no_grad():
-            for teacher in self._teachers:
-                teacher.eval()
-                outputs.append(select_tensor(_call(teacher, inputs), self.teacher_logits_selector))
-        return self._ensemble(outputs, 1.0)
+        outputs, _ = self._run_teachers(inputs)
+        return self._ensemble(
+            [select_tensor(o, self.teacher_logits_selector) for o in outputs], 1.0
+        )
 
     def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Distiller:
         # The teachers are deliberately unregistered; they still follow .to() / .cuda() / .half().
@@ -398,10 +389,10 @@ class Distiller(nn.Module):
         paths = self._student_paths()
         if paths:
             with FeatureCapture(self.student, paths) as cap:
-                student_output = _call(self.student, inputs)
+                student_output = call_model(self.student, inputs)
             features = dict(cap.features)
         else:
-            student_output = _call(self._student_fn, inputs)
+            student_output = call_model(self._student_fn, inputs)
             features = {}
         return self._compute(inputs, student_output, features, target, teacher_output, index, epoch)
 
@@ -477,10 +468,10 @@ class Distiller(nn.Module):
             with torch.no_grad(), self._teacher_autocast(inputs):
                 if paths:
                     with FeatureCapture(teacher, paths) as cap:
-                        outputs.append(_call(teacher, inputs))
+                        outputs.append(call_model(teacher, inputs))
                     features.append(dict(cap.features))
                 else:
-                    outputs.append(_call(self._teacher_fns[k], inputs))
+                    outputs.append(call_model(self._teacher_fns[k], inputs))
                     features.append({})
         return outputs, features
 

@@ -11,7 +11,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,9 @@ from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
 )
+
+from kdkit.batch import call_model, to_device, unpack_batch
+from kdkit.capture import select_tensor
 
 __all__ = [
     "count_parameters",
@@ -33,57 +36,12 @@ __all__ = [
 ]
 
 
-def _logits_of(output: Any) -> Tensor:
-    """Pull the logits tensor out of a model output (Tensor, tuple/list, dict or ModelOutput)."""
-    if isinstance(output, Tensor):
-        return output
-    # ModelOutput is a Mapping too, so the key lookup covers both.
-    logits = output.get("logits") if isinstance(output, Mapping) else None
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"model output: got {type(output).__name__}; expected a Tensor of logits, a tuple/list "
-        "whose first element is the logits, or a dict / ModelOutput with a 'logits' entry. "
-        "Fix: wrap the model so that forward returns the logits tensor."
-    )
-
-
 def _model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
         return tensor.device
     return torch.device("cpu")
-
-
-def _split_batch(batch: Any) -> tuple[Any, Tensor]:
-    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-        return batch[0], batch[1]
-    raise TypeError(
-        f"dataloader batch: got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        + "; expected (inputs, targets) or (inputs, targets, index). "
-        "Fix: make the dataset return (x, y) pairs."
-    )
-
-
-def _to_device(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to_device(x, device) for x in inputs)
-    if isinstance(inputs, Mapping):
-        return {k: _to_device(v, device) for k, v in inputs.items()}
-    return inputs
-
-
-def _call(model: nn.Module, inputs: Any) -> Any:
-    # Dict inputs are keyword arguments (Hugging Face style); everything else is positional.
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    return model(inputs)
 
 
 def predict(model: nn.Module, dataloader: Iterable[Any]) -> tuple[Tensor, Tensor]:
@@ -102,8 +60,8 @@ def predict(model: nn.Module, dataloader: Iterable[Any]) -> tuple[Tensor, Tensor
     try:
         with torch.no_grad():
             for batch in dataloader:
-                inputs, targets = _split_batch(batch)
-                logits = _logits_of(_call(model, _to_device(inputs, device)))
+                inputs, targets, _ = unpack_batch(batch)
+                logits = select_tensor(call_model(model, to_device(inputs, device)))
                 logits_list.append(logits.detach().float().cpu())
                 target_list.append(torch.as_tensor(targets).cpu())
     finally:

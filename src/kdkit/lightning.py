@@ -16,24 +16,13 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from kdkit.batch import unpack_batch
 from kdkit.distiller import Distiller
 from kdkit.functional import cross_entropy
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 UNLABELED = -1
-
-
-def unpack_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(x, y)`` or ``(x, y, index)`` -> ``(x, y, index or None)``."""
-    if isinstance(batch, tuple | list) and len(batch) in (2, 3):
-        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
-    raise TypeError(
-        f"a batch must be (inputs, labels) or (inputs, labels, index), got "
-        f"{type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, tuple | list) else "")
-        + "; wrap the dataset so that it yields such tuples (kdkit.data.IndexedDataset)."
-    )
 
 
 def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int) -> tuple[Tensor, Tensor]:

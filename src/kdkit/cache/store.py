@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from kdkit.atomic import atomic_write_text
+from kdkit.batch import call_model, to_device
 from kdkit.cache.checks import _WRAP_HINT, _check_indexed, _check_replayable
 from kdkit.cache.fingerprint import (
     _dataset_name,
@@ -31,6 +32,7 @@ from kdkit.cache.fingerprint import (
 )
 from kdkit.cache.topk import _index_dtype, topk_compress, topk_reconstruct
 from kdkit.cache.views import SeededViews, _at_view, _find_seeded_views
+from kdkit.capture import select_tensor
 
 __all__ = ["FORMAT_VERSION", "TeacherCache"]
 
@@ -51,34 +53,6 @@ def _sha256_file(path: Path) -> str:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
-
-
-def _default_logits(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict):
-        if "logits" in output:
-            return output["logits"]
-        return next(iter(output.values()))
-    if hasattr(output, "logits") and isinstance(output.logits, Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(
-        f"TeacherCache: cannot find logits in a teacher output of type {type(output).__name__}; "
-        "accepted: Tensor, tuple/list (element 0), dict or object with 'logits'; or pass "
-        "`logits=callable(output) -> Tensor` to TeacherCache.build"
-    )
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to_device(v, device) for v in x)
-    return x
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -455,7 +429,7 @@ class TeacherCache:
                 device,
                 dtype,
                 topk_dtype,
-                logits or _default_logits,
+                logits or select_tensor,
                 num_workers,
                 checkpoint_every,
             )
@@ -554,11 +528,11 @@ class TeacherCache:
                             f"the sample position (expected {pos}..{pos + len(index) - 1}, got "
                             f"{index.tolist()[:8]}...); {_WRAP_HINT}"
                         )
-                    x = _to_device(x, device)
+                    x = to_device(x, device)
                     if capture is not None:
                         capture.clear()
                     with torch.no_grad():
-                        out = teacher(**x) if isinstance(x, dict) else teacher(x)
+                        out = call_model(teacher, x)
                     z = select_logits(out).detach()
                     outputs: dict[str, np.ndarray] = {}
                     if top_k is None:

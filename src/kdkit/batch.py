@@ -1,0 +1,42 @@
+"""What a batch is, once for every layer: ``(inputs, labels[, index])``; inputs a tensor, a
+tuple of positional arguments or a mapping of keyword arguments (Hugging Face style)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
+    """``(x, y)`` or ``(x, y, index)`` -> ``(x, y, index or None)``."""
+    if isinstance(batch, tuple | list) and len(batch) in (2, 3):
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None
+    length = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
+    raise TypeError(
+        f"a batch must be (inputs, labels) or (inputs, labels, index), got "
+        f"{type(batch).__name__}{length}; make the dataset yield such tuples "
+        "(kdkit.data.IndexedDataset adds the index)."
+    )
+
+
+def to_device(inputs: Any, device: torch.device | str) -> Any:
+    """Move the tensors of ``inputs`` (a tensor, tuple/list or mapping) to ``device``."""
+    if isinstance(inputs, Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {k: to_device(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(to_device(v, device) for v in inputs)
+    return inputs
+
+
+def call_model(model: nn.Module | Any, inputs: Any) -> Any:
+    """``model(x)``, ``model(*x)`` for a tuple/list, ``model(**x)`` for a mapping."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
