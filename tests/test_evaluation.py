@@ -208,10 +208,10 @@ def test_gap_closed_undefined_is_none(args) -> None:
     assert gap_closed(*args) is None
 
 
-def test_predict_rejects_dict_without_logits() -> None:
+def test_predict_rejects_outputs_without_logits() -> None:
     class NoLogits(LookupModel):
         def forward(self, index):  # type: ignore[override]
-            return {"hidden": super().forward(index)}
+            return {"hidden": [super().forward(index)]}
 
-    with pytest.raises(TypeError, match="got dict; expected a Tensor of logits"):
+    with pytest.raises(TypeError, match=r"list.*selector"):
         predict(NoLogits(LOGITS), _loader())
