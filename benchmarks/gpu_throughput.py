@@ -50,25 +50,35 @@ NO_GPU = "not measured: no GPU in this session"
 TEMPERATURE = 4.0
 
 
-def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
+def run(
+    mode: str = "quick", threads: int | None = None, device: str | None = None
+) -> dict[str, Any]:
+    """``device="cpu"`` runs the same code on the CPU (a check of the script, not a benchmark)."""
     result: dict[str, Any] = {"benchmark": "gpu_throughput", "mode": mode}
-    if not torch.cuda.is_available():
+    if device is None and not torch.cuda.is_available():
         result.update(measured=False, reason=NO_GPU)
         return result
-    device = torch.device("cuda")
+    dev = torch.device(device or "cuda")
+    on_cuda = dev.type == "cuda"
     torch.backends.cudnn.benchmark = True
-    batch = pick(mode, 32, 256, 256)
-    steps = pick(mode, 2, 10, 20)
-    repeats = pick(mode, 2, 7, 15)
+
+    def sync() -> None:
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    batch = pick(mode, 32, 256, 256) if on_cuda else 2
+    steps = pick(mode, 2, 10, 20) if on_cuda else 1
+    repeats = pick(mode, 2, 7, 15) if on_cuda else 1
+    warmup = 2 if on_cuda else 1
     teacher_name = pick(mode, "tv:resnet18", "tv:resnet50", "tv:resnet50")
     torch.manual_seed(0)
-    teacher = create_model(teacher_name, 10, cifar_stem=True).to(device).eval()
-    student = create_model("tv:resnet18", 10, cifar_stem=True).to(device)
+    teacher = create_model(teacher_name, 10, cifar_stem=True).to(dev).eval()
+    student = create_model("tv:resnet18", 10, cifar_stem=True).to(dev)
     cl = torch.channels_last
     batches = [
         (
-            torch.randn(batch, 3, 32, 32, device=device).to(memory_format=cl),
-            torch.randint(0, 10, (batch,), device=device),
+            torch.randn(batch, 3, 32, 32, device=dev).to(memory_format=cl),
+            torch.randint(0, 10, (batch,), device=dev),
         )
         for _ in range(2)
     ]
@@ -81,7 +91,7 @@ def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
     opt_f = torch.optim.SGD(s_f.parameters(), lr=0.01, momentum=0.9)
 
     def floor_step(x: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=bf16):
+        with torch.autocast(dev.type, dtype=bf16):
             t_f.eval()
             with torch.no_grad():
                 z_t = t_f(x)
@@ -114,7 +124,7 @@ def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
         if kw:
             out = distiller(x)
         else:
-            with torch.autocast("cuda", dtype=bf16):
+            with torch.autocast(dev.type, dtype=bf16):
                 out = distiller(x)
         opt_k.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -122,18 +132,18 @@ def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
 
     def many(step: Any) -> Any:
         def go() -> None:
-            torch.cuda.synchronize()
+            sync()
             for i in range(steps):
                 step(batches[i % len(batches)][0])
-            torch.cuda.synchronize()
+            sync()
 
         return go
 
-    times = interleaved({"floor": many(floor_step), "kdkit": many(kd_step)}, repeats, warmup=2)
+    times = interleaved({"floor": many(floor_step), "kdkit": many(kd_step)}, repeats, warmup=warmup)
     imgs = {k: [batch * steps / t for t in v] for k, v in times.items()}
     result.update(
         measured=True,
-        device=torch.cuda.get_device_name(0),
+        device=torch.cuda.get_device_name(0) if on_cuda else "cpu (script check only)",
         torch=torch.__version__,
         config={
             "teacher": f"{teacher_name} (cifar_stem)",
@@ -143,7 +153,7 @@ def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
         },
         images_per_s={k: summary(v) for k, v in imgs.items()},
         ratio_kdkit_time_over_floor=paired_ratio(times["kdkit"], times["floor"]),
-        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if on_cuda else None,
     )
     return result
 
@@ -167,8 +177,9 @@ def report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = add_mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--device", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    result = run(mode_of(args), args.threads)
+    result = run(mode_of(args), args.threads, args.device)
     write_json(result, args.json)
     print(report(result), file=sys.stderr)
     return result

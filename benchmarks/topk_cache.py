@@ -79,8 +79,8 @@ def _train(
 def run(mode: str = "quick", threads: int | None = None) -> dict[str, Any]:
     threads = set_threads(threads)
     seeds = list(range(pick(mode, 1, 3, 5)))
-    epochs = pick(mode, 2, 30, 60)
-    teacher_epochs = pick(mode, 3, 40, 60)
+    epochs = pick(mode, 2, 20, 60)
+    teacher_epochs = pick(mode, 3, 30, 60)
     ks: list[int | None] = pick(mode, [1, None], [1, 2, 3, 5, None], [1, 2, 3, 5, 10, None])
     splits = build_datasets("digits")
     xtr, ytr, itr = _tensors(splits.train)

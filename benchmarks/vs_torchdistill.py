@@ -45,6 +45,7 @@ sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     add_mode_args,
     current_rss_mib,
+    floor_ratio,
     fmt_ms,
     fmt_ratio,
     interleaved,
@@ -195,6 +196,9 @@ def worker_time(mode: str) -> dict[str, Any]:
         "first_loss_abs_diff": abs(first["kdkit"] - first["torchdistill"]),
         "step_s": {k: summary(v) for k, v in per_step.items()},
         "ratio_kdkit_over_torchdistill": paired_ratio(per_step["kdkit"], per_step["torchdistill"]),
+        "floor_ratio_kdkit_over_torchdistill": floor_ratio(
+            per_step["kdkit"], per_step["torchdistill"]
+        ),
     }
 
 
@@ -311,7 +315,9 @@ def report(result: dict[str, Any]) -> str:
             f"- step time: kdkit {fmt_ms(t['step_s']['kdkit'])}, torchdistill "
             f"{fmt_ms(t['step_s']['torchdistill'])}",
             f"- **step-time ratio kdkit / torchdistill: "
-            f"{fmt_ratio(t['ratio_kdkit_over_torchdistill'])}**",
+            f"{fmt_ratio(t['ratio_kdkit_over_torchdistill'])}**; fastest steps: min "
+            f"{t['floor_ratio_kdkit_over_torchdistill']['min']:.3f}, first quartile "
+            f"{t['floor_ratio_kdkit_over_torchdistill']['q1']:.3f}",
             f"- peak RSS ({result['memory_method']}): kdkit {m['kdkit']['peak_rss_mib']:.0f} MiB, "
             f"torchdistill {m['torchdistill']['peak_rss_mib']:.0f} MiB; **ratio "
             f"{result['ratio_peak_rss_kdkit_over_torchdistill']:.3f}**",

@@ -150,3 +150,13 @@ def test_run_all_renders_report(tmp_path: Path) -> None:
     assert "not measured: no GPU in this session" in text
     assert "FAILED" in text and "boom" in text
     assert text.count("- not run") == 3  # cache_speed, vs_torchdistill, topk_cache
+
+
+@pytest.mark.slow
+def test_gpu_throughput_code_path_on_cpu() -> None:
+    # The CUDA benchmark's code run on the CPU with a tiny batch: checks the script, not speed.
+    result = importlib.import_module("gpu_throughput").run("smoke", device="cpu")
+    _check_finite(result)
+    assert result["measured"] and result["config"]["batch"] == 2
+    _positive_summary(result["images_per_s"]["kdkit"])
+    _positive_summary(result["images_per_s"]["floor"])

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+_SWITCHES = {"-m", "--multirun", "--run", "-r", "--resolve", "--hydra-help", "--version"}
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 
@@ -81,17 +82,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     import hydra
+    import torch
     from hydra.core.global_hydra import GlobalHydra
 
     os.environ["KDKIT_COMMAND_HELP"] = commands[command]
     GlobalHydra.instance().clear()
     saved = sys.argv
-    sys.argv = [saved[0] if saved else "kdkit", f"command={command}", *rest]
+    # Lightning's deterministic=True flips a process-wide switch; callers get theirs back.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    # argparse cannot take switches between overrides (`kdkit distill a=1 -m b=2,3`): hoist them.
+    switches = [a for a in rest if a in _SWITCHES]
+    overrides = [a for a in rest if a not in _SWITCHES]
+    sys.argv = [saved[0] if saved else "kdkit", *switches, f"command={command}", *overrides]
     try:
         hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")(_task)()
     finally:
         sys.argv = saved
         GlobalHydra.instance().clear()
+        torch.use_deterministic_algorithms(deterministic)
     return 0
 
 

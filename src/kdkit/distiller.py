@@ -208,7 +208,9 @@ class Distiller(nn.Module):
         if channels_last:
             for model in (self.student, *self._teachers):
                 model.to(memory_format=torch.channels_last)
-        self._student_fn: Callable[..., Any] = self.student
+        # Plain attributes, not submodules: a second registration would duplicate the student's
+        # weights in every state_dict.
+        object.__setattr__(self, "_student_fn", self.student)
         self._teacher_fns: list[Callable[..., Any]] = list(self._teachers)
         if compile:
             if self._student_paths() or any(t.teacher_paths for t in self.terms.values()):
@@ -216,7 +218,7 @@ class Distiller(nn.Module):
                     "compile=True supports logit terms only; feature terms add hooks on every "
                     "step, which would force recompiles. Drop compile or the feature terms."
                 )
-            self._student_fn = torch.compile(self.student)
+            object.__setattr__(self, "_student_fn", torch.compile(self.student))
             self._teacher_fns = [torch.compile(t) for t in self._teachers]
 
     # ----------------------------------------------------------------- construction helpers

@@ -169,8 +169,15 @@ def build_trainer(
     callbacks: list[Any] = [ModelSpecCallback(spec)]
     if checkpoints:
         callbacks.append(
+            # Lightning writes last.ckpt only in an epoch that also saved a top-k file.
             ModelCheckpoint(
-                dirpath=stage_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1
+                dirpath=stage_dir / "checkpoints",
+                filename="epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                save_last=True,
+                save_top_k=1,
+                every_n_epochs=1,
+                enable_version_counter=False,
             )
         )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -183,7 +190,9 @@ def build_trainer(
             callbacks.append(TQDMProgressBar())
         else:
             trainer_cfg["enable_progress_bar"] = False
-    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "gradient_clip_val"):
+    optional = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
+    optional += ("gradient_clip_val",)
+    for key in optional:
         if trainer_cfg.get(key) is None:
             trainer_cfg.pop(key, None)
     if max_epochs is not None:
@@ -199,7 +208,7 @@ def build_trainer(
 
 
 def resolve_ckpt_path(cfg: DictConfig, stage: str) -> str | None:
-    """``ckpt_path``: None, a file, or ``last`` (newest last.ckpt of this stage for the experiment)."""
+    """``ckpt_path``: None, a file, or ``last`` (newest last.ckpt of this stage, experiment)."""
     value = cfg.get("ckpt_path")
     if value in (None, ""):
         return None
@@ -213,8 +222,8 @@ def resolve_ckpt_path(cfg: DictConfig, stage: str) -> str | None:
     here = output_dir(cfg) / stage / "checkpoints" / "last.ckpt"
     if here.is_file():
         return str(here)
-    root = Path(str(cfg.hydra_run_root)) if cfg.get("hydra_run_root") else Path("runs")
-    pattern = os.path.join(str(root), str(cfg.experiment_name), "*", stage, "checkpoints", "last.ckpt")
+    root = Path("runs")
+    pattern = os.path.join(root, str(cfg.experiment_name), "*", stage, "checkpoints", "last.ckpt")
     found = sorted(glob.glob(pattern), key=os.path.getmtime)
     if not found:
         raise FileNotFoundError(

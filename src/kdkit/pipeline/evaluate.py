@@ -75,7 +75,7 @@ def evaluate_model(
 
 
 def load_entries(run_dir: Path) -> list[ModelReport]:
-    """The report rows stored by the stages of one run folder, in teacher/scratch/distilled order."""
+    """The report rows stored by the stages of one run folder (teacher, scratch, distilled)."""
     entries = []
     for stage in STAGES:
         path = run_dir / stage / METRICS_FILE

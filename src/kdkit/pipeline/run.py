@@ -35,9 +35,10 @@ def _is_rank_zero() -> bool:
 
 def save_config(cfg: DictConfig) -> Path:
     """The resolved config as ``<run>/config.yaml`` (what this run actually used)."""
-    out = output_dir(cfg)
-    container = to_container(cfg)
-    return atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(container))
+    out = output_dir(cfg) / "config.yaml"
+    if _is_rank_zero():
+        atomic_write_text(out, OmegaConf.to_yaml(to_container(cfg)))
+    return out
 
 
 def _title(cfg: DictConfig) -> str:
@@ -162,8 +163,9 @@ def report(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild report.{json,md} and plots of run folders from their stages' metrics.json."""
     run_dirs = [Path(str(p)) for p in (cfg.get("run_dirs") or [])]
     if not run_dirs:
+        found = Path("runs", str(cfg.experiment_name)).glob("*/*/metrics.json")
         candidates = sorted(
-            (p.parent.parent for p in Path("runs", str(cfg.experiment_name)).glob("*/*/metrics.json")),
+            {p.parent.parent for p in found},
             key=lambda p: p.stat().st_mtime,
         )
         if not candidates:
@@ -176,7 +178,9 @@ def report(cfg: DictConfig) -> dict[str, Any]:
     for run_dir in run_dirs:
         entries = load_entries(run_dir)
         config_file = run_dir / "config.yaml"
-        config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+        config = (
+            OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+        )
         title = f"kdkit report: {run_dir}"
         build_report(entries, run_dir, title=title, config=config)  # type: ignore[arg-type]
         print_report(entries, title=title)
@@ -241,5 +245,7 @@ def dispatch(cfg: DictConfig) -> Any:
     command = str(cfg.command)
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}.")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     sys.stdout.flush()
     return COMMANDS[command][0](cfg)

@@ -53,7 +53,8 @@ def train_supervised(
     optimizer, scheduler = build_optimizer_factories(cfg)
     module = ClassifierModule(model, datamodule.num_classes, optimizer, scheduler, mixup_alpha)
     stage_dir = output_dir(cfg) / stage
-    trainer = build_trainer(cfg, stage_dir, stage, spec)
+    epochs = cfg[role].get("max_epochs") if role == "teacher" else None
+    trainer = build_trainer(cfg, stage_dir, stage, spec, max_epochs=epochs)
     ckpt_path = resolve_ckpt_path(cfg, stage) if resume else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -1,0 +1,145 @@
+"""Every shipped config composes; every distill method builds a working Distiller (no training)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kdkit import Distiller, Term
+from kdkit.cli import CONFIG_DIR
+from kdkit.pipeline.build import build_terms, spec_for
+from kdkit.pipeline.checkpoint import build_from_spec
+
+METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "distill").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
+# Feature methods need conv features on both sides: small CNNs of different widths (adapters).
+TINY = [
+    "teacher=small_cnn", "teacher.kwargs.width=8", "student=small_cnn", "student.kwargs.width=4"
+]
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[*overrides, "paths.output_dir=/tmp/unused"])
+
+
+def test_all_methods_and_experiments_are_shipped() -> None:
+    assert METHODS == sorted(
+        ["kd", "hinton", "fitnet", "at", "mse_hidden", "dkd", "dist", "rkd", "pkt", "cosine",
+         "reverse_kl", "gjsd"]
+    )
+    assert {"digits", "cifar10_resnet50_resnet18", "cifar100_resnet32x4_resnet8x4"} <= set(
+        EXPERIMENTS
+    )
+
+
+def test_default_is_the_digits_experiment() -> None:
+    cfg = _compose([])
+    assert cfg.experiment_name == "digits"
+    assert cfg.data.name == "digits"
+    assert (cfg.teacher.name, cfg.student.name) == ("small_cnn", "mlp")
+    assert cfg.distill.method == "kd"
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
+    hydra_cfg = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").hydra
+    assert OmegaConf.to_container(hydra_cfg)["run"]["dir"] == (
+        "runs/${experiment_name}/${now:%Y-%m-%d_%H-%M-%S}"
+    )
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_resolves(experiment: str) -> None:
+    cfg = _compose([f"experiment={experiment}"])
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert container["experiment_name"] == experiment
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    opt = instantiate(cfg.optimizer)(params)
+    assert isinstance(opt, torch.optim.Optimizer)
+    if cfg.scheduler is not None:
+        instantiate(cfg.scheduler)(opt)
+    terms = build_terms(cfg)
+    assert all(isinstance(t, Term) for t in terms.values())
+
+
+def test_cifar100_preset_is_the_mdistiller_protocol() -> None:
+    cfg = _compose(["experiment=cifar100_resnet32x4_resnet8x4"])
+    assert (cfg.teacher.name, cfg.student.name, cfg.data.name) == (
+        "resnet32x4", "resnet8x4", "cifar100"
+    )
+    assert cfg.trainer.max_epochs == 240 and cfg.data.batch_size == 64
+    opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.05, 0.9, 5e-4)
+    sched = instantiate(cfg.scheduler)(opt)
+    assert isinstance(sched, torch.optim.lr_scheduler.MultiStepLR)
+    assert sorted(sched.milestones) == [150, 180, 210] and sched.gamma == 0.1
+    terms = build_terms(cfg)
+    assert terms["ce"].weight == 0.1 and terms["kd"].weight == 0.9
+    assert terms["kd"].loss.temperature == 4.0
+    assert cfg.data.download is False
+
+
+def test_cifar10_preset_is_seed_002() -> None:
+    cfg = _compose(["experiment=cifar10_resnet50_resnet18"])
+    assert (cfg.teacher.name, cfg.student.name) == ("tv:resnet50", "tv:resnet18")
+    assert cfg.student.kwargs.cifar_stem is True and cfg.data.download is False
+    assert cfg.distill.method == "hinton"
+    student = build_from_spec(spec_for(cfg, "student", 10, (3, 32, 32)))
+    assert student(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_builds_a_distiller_with_finite_loss(method: str) -> None:
+    cfg = _compose([f"distill={method}", *TINY])
+    terms = build_terms(cfg)
+    assert set(terms) == set(cfg.distill.terms)
+    torch.manual_seed(0)
+    teacher = build_from_spec(spec_for(cfg, "teacher", 10, (1, 8, 8)))
+    student = build_from_spec(spec_for(cfg, "student", 10, (1, 8, 8)))
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    distiller = Distiller(student, teacher, terms, example_input=x)
+    out = distiller(x, y)
+    assert math.isfinite(out.loss.item())
+    expected = sum(terms[name].weight * value for name, value in out.terms.items())
+    assert out.loss.item() == pytest.approx(float(expected), rel=1e-5)
+    # The teacher never enters the student's state_dict.
+    assert not any(k.startswith("teacher") for k in distiller.state_dict())
+
+
+def test_kd_weights_and_temperature_follow_the_top_level_keys() -> None:
+    cfg = _compose(["distill=kd", "distill.temperature=2.5", "distill.kd_weight=0.3"])
+    terms = build_terms(cfg)
+    assert terms["kd"].loss.temperature == 2.5 and terms["kd"].weight == 0.3
+    assert terms["ce"].teacher is None and terms["ce"].reads_target
+
+
+def test_unequal_feature_lists_are_paired_keeping_the_deepest() -> None:
+    cfg = _compose(["distill=fitnet", "student.feature_layers=[block3]"])
+    terms = build_terms(cfg)
+    assert terms["hint"].student == ["block3"] and terms["hint"].teacher == ["block3"]
+
+
+def test_term_can_be_removed_by_override() -> None:
+    cfg = _compose(["distill=kd", "~distill.terms.ce"])
+    assert list(build_terms(cfg)) == ["kd"]
+
+
+@pytest.mark.parametrize("group", ["trainer=gpu", "trainer=ddp", "logger=tensorboard",
+                                   "logger=mlflow", "logger=wandb", "data=cifar10",
+                                   "data=cifar100", "data=synthetic", "data=image_folder"])
+def test_groups_compose(group: str) -> None:
+    cfg = _compose([group])
+    if group == "trainer=gpu":
+        assert cfg.trainer.precision == "bf16-mixed"
+    if group == "trainer=ddp":
+        assert cfg.trainer.strategy.process_group_backend == "gloo"
+    if group == "logger=mlflow":
+        assert cfg.logger.mlflow.tracking_uri == "file:/tmp/unused/mlruns"
+    if group == "logger=wandb":
+        assert cfg.logger.wandb.mode == "offline"

@@ -1,0 +1,191 @@
+"""`kdkit run|train|distill|eval|report|export` end to end on digits with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdkit.cli import main
+from kdkit.models.small import MLP
+from kdkit.pipeline import AtomicCheckpointIO, load_model
+from kdkit.pipeline.checkpoint import load_model_file
+
+TINY = [
+    "trainer.max_epochs=1",
+    "teacher.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "progress_bar=none",
+    "evaluate.latency_repeats=2",
+]
+
+
+def kdkit(*argv: str) -> None:
+    main(list(argv))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "digits"
+    kdkit("run", *TINY, f"hydra.run.dir={out}")
+    return out
+
+
+def test_run_writes_report_with_numbers_for_all_three_models(run_dir: Path) -> None:
+    report = json.loads((run_dir / "report.json").read_text())
+    rows = {m["role"]: m for m in report["models"]}
+    assert set(rows) == {"teacher", "scratch", "distilled"}
+    for row in rows.values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["params"] > 0
+        assert row["latency_ms_per_sample"] > 0
+    assert rows["distilled"]["agreement"] is not None
+    assert rows["teacher"]["name"] == "small_cnn" and rows["scratch"]["name"] == "mlp"
+    text = (run_dir / "report.md").read_text()
+    assert "teacher" in text and "distilled" in text
+    assert (run_dir / "config.yaml").is_file()
+    for stage in ("teacher", "scratch", "distilled"):
+        assert (run_dir / stage / "model.pt").is_file()
+        assert (run_dir / stage / "checkpoints" / "last.ckpt").is_file()
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_distilled_checkpoint_has_no_teacher_and_reloads_as_its_class(run_dir: Path) -> None:
+    ckpt = torch.load(run_dir / "distilled/checkpoints/last.ckpt", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    # The teacher (small_cnn: block1..3) has no entry; the student (mlp: hidden, fc) has.
+    assert keys and not any("block" in k or "teacher" in k for k in keys)
+    keys = [k for k in keys if k.startswith("distiller.student.")]
+    assert ckpt["kdkit_model"]["name"] == "mlp"
+    model = load_model(run_dir / "distilled/model.pt")
+    assert isinstance(model, MLP)
+    student_keys = {k[len("distiller.student."):] for k in keys}
+    assert student_keys == set(model.state_dict())
+    from_ckpt = load_model(run_dir / "distilled/checkpoints/last.ckpt")
+    x = torch.rand(5, 1, 8, 8)
+    torch.testing.assert_close(model(x), from_ckpt(x), rtol=0, atol=0)
+
+
+def test_eval_reproduces_the_run_accuracy(run_dir: Path, tmp_path: Path) -> None:
+    kdkit(
+        "eval", f"checkpoint={run_dir / 'distilled/model.pt'}",
+        f"teacher.checkpoint={run_dir / 'teacher/model.pt'}", f"hydra.run.dir={tmp_path}",
+        "evaluate.latency=false",
+    )
+    got = json.loads((tmp_path / "eval.json").read_text())
+    want = json.loads((run_dir / "distilled/metrics.json").read_text())
+    assert got["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+    assert got["agreement"] == pytest.approx(want["agreement"], abs=1e-9)
+
+
+def test_report_rebuilds_from_the_run_folder(run_dir: Path, tmp_path: Path) -> None:
+    before = json.loads((run_dir / "report.json").read_text())["models"]
+    (run_dir / "report.json").unlink()
+    kdkit("report", f"run_dirs=[{run_dir}]", f"hydra.run.dir={tmp_path}")
+    after = json.loads((run_dir / "report.json").read_text())["models"]
+    assert [m["accuracy"] for m in after] == [m["accuracy"] for m in before]
+
+
+def test_export_onnx_matches_torch(run_dir: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    kdkit("export", f"checkpoint={run_dir / 'distilled/model.pt'}", f"hydra.run.dir={tmp_path}")
+    assert (tmp_path / "model.ts").is_file()
+    model = load_model(run_dir / "distilled/model.pt")
+    x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch_out = model(x).numpy()
+    assert np.abs(onnx_out - torch_out).max() <= 1e-4
+
+
+def test_teacher_with_other_class_count_is_refused(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        kdkit(
+            "distill", "data=synthetic", f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+            f"hydra.run.dir={tmp_path}", *TINY,
+        )
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert "predicts 10 classes but dataset 'synthetic' has 4" in err
+
+
+def test_train_is_repeatable_with_a_seed(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        kdkit("train", "model=student", "seed=3", *TINY, f"hydra.run.dir={tmp_path / name}",
+              "evaluate.latency=false")
+    a = load_model_file(tmp_path / "a/student/model.pt")["state_dict"]
+    b = load_model_file(tmp_path / "b/student/model.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_multirun_sweeps_methods(run_dir: Path, tmp_path: Path) -> None:
+    kdkit(
+        "distill", "-m", "distill=kd,dkd", f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+        f"hydra.sweep.dir={tmp_path}", *TINY, "evaluate.latency=false",
+    )
+    for job, method in (("0", "kd"), ("1", "dkd")):
+        meta = load_model_file(tmp_path / job / "distilled/model.pt")["metadata"]
+        assert meta["method"] == method
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_interrupted_distill_leaves_no_partial_files_and_resumes(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdkit.lightning import DistillationModule
+
+    original = DistillationModule.training_step
+    calls = {"n": 0}
+
+    def crashing(self, batch, batch_idx):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 5:  # in the second epoch: epoch 1 is checkpointed
+            raise _Crash("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillationModule, "training_step", crashing)
+    teacher = f"teacher.checkpoint={run_dir / 'teacher/model.pt'}"
+    budget = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "progress_bar=none",
+              "evaluate.latency=false"]
+    with pytest.raises(SystemExit):
+        kdkit("distill", teacher, *budget, f"hydra.run.dir={tmp_path}")
+    assert not (tmp_path / "distilled/model.pt").exists()
+    assert not (tmp_path / "distilled/metrics.json").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+    last = tmp_path / "distilled/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0  # the complete first epoch
+
+    monkeypatch.setattr(DistillationModule, "training_step", original)
+    kdkit("distill", teacher, *budget, f"hydra.run.dir={tmp_path}", "ckpt_path=last")
+    assert torch.load(last, weights_only=False)["epoch"] == 1
+    assert isinstance(load_model(tmp_path / "distilled/model.pt"), MLP)
+
+
+def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def broken_save(obj, f):  # noqa: ANN001
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
