@@ -60,6 +60,16 @@ def _task(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
         raise SystemExit(2) from exc
 
 
+def _quiet_lightning() -> None:
+    """Keep Lightning's warnings but drop its start-up chatter (accelerator lines, tips)."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kdkit` console script; ``argv`` defaults to ``sys.argv[1:]``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -85,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
     from hydra.core.global_hydra import GlobalHydra
 
+    _quiet_lightning()
     os.environ["KDKIT_COMMAND_HELP"] = commands[command]
     GlobalHydra.instance().clear()
     saved = sys.argv

@@ -545,12 +545,23 @@ class Distiller(nn.Module):
                 )
         step = _Step(logits, student_features, t_logits, t_features, target)
         values: dict[str, Tensor] = {}
-        total = logits.new_zeros((), dtype=torch.float32)
+        weighted = []
         with shared_log_softmax():
             for name, term in self.terms.items():
                 value = self._term(name, term, step)
                 values[name] = value.detach()
-                total = total + term.weight * value
+                weighted.append(value if term.weight == 1 else term.weight * value)
+        total = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum()
+        # One check (one host sync on GPU) per step; the names are looked up only on failure.
+        if self.check_finite and not torch.isfinite(total):
+            name, value = next(
+                ((n, v) for n, v in values.items() if not torch.isfinite(v).all()),
+                ("sum of the terms", total),
+            )
+            raise FloatingPointError(
+                f"term {name!r} is {value.item()} (not finite); lower the learning rate, check "
+                "the inputs for NaN/Inf, or raise the temperature of a soft term."
+            )
         return DistillerOutput(total, values, student_output, logits, t_logits)
 
     def _term(self, name: str, term: Term, step: _Step) -> Tensor:
@@ -572,11 +583,6 @@ class Distiller(nn.Module):
             value = term.loss(*args, **kwargs)
         except ValueError as e:
             raise ValueError(f"term {name!r}: {e}") from e
-        if self.check_finite and not torch.isfinite(value).all():
-            raise FloatingPointError(
-                f"term {name!r} is {value.item()} (not finite); lower the learning rate, check "
-                "the inputs for NaN/Inf, or raise the temperature of a soft term."
-            )
         return value
 
     def _term_inputs(self, name: str, term: Term, step: _Step) -> list[Any]:

@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,7 +284,8 @@ def print_report(
     entries: Sequence[ModelReport], console: Console | None = None, title: str | None = None
 ) -> None:
     """Print the table and the summary to the terminal."""
-    console = console or Console()
+    # Piped output (CI logs, `| tee`) gets a width that fits all columns instead of rich's 80.
+    console = console or Console(width=None if sys.stdout.isatty() else 160)
     console.print(render_table(entries, title=title))
     for sentence in _summary_sentences(entries):
         console.print(sentence)
