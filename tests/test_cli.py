@@ -42,8 +42,15 @@ def test_command_help_names_the_command_and_the_groups(
     out = capsys.readouterr().out
     assert code == 0
     assert out.startswith("kdkit distill: distil the student from teacher.checkpoint")
-    for group in ("data:", "distill:", "teacher:", "student:", "trainer:", "logger:",
-                  "experiment:"):
+    for group in (
+        "data:",
+        "distill:",
+        "teacher:",
+        "student:",
+        "trainer:",
+        "logger:",
+        "experiment:",
+    ):
         assert group in out
     assert "distill: at, cosine, dist, dkd, fitnet" in out
     assert "cifar100_resnet32x4_resnet8x4" in out

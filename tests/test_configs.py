@@ -20,7 +20,10 @@ METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "distill").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 # Feature methods need conv features on both sides: small CNNs of different widths (adapters).
 TINY = [
-    "teacher=small_cnn", "teacher.kwargs.width=8", "student=small_cnn", "student.kwargs.width=4"
+    "teacher=small_cnn",
+    "teacher.kwargs.width=8",
+    "student=small_cnn",
+    "student.kwargs.width=4",
 ]
 
 
@@ -31,8 +34,20 @@ def _compose(overrides: list[str]):
 
 def test_all_methods_and_experiments_are_shipped() -> None:
     assert METHODS == sorted(
-        ["kd", "hinton", "fitnet", "at", "mse_hidden", "dkd", "dist", "rkd", "pkt", "cosine",
-         "reverse_kl", "gjsd"]
+        [
+            "kd",
+            "hinton",
+            "fitnet",
+            "at",
+            "mse_hidden",
+            "dkd",
+            "dist",
+            "rkd",
+            "pkt",
+            "cosine",
+            "reverse_kl",
+            "gjsd",
+        ]
     )
     assert {"digits", "cifar10_resnet50_resnet18", "cifar100_resnet32x4_resnet8x4"} <= set(
         EXPERIMENTS
@@ -69,7 +84,9 @@ def test_experiment_composes_and_resolves(experiment: str) -> None:
 def test_cifar100_preset_is_the_mdistiller_protocol() -> None:
     cfg = _compose(["experiment=cifar100_resnet32x4_resnet8x4"])
     assert (cfg.teacher.name, cfg.student.name, cfg.data.name) == (
-        "resnet32x4", "resnet8x4", "cifar100"
+        "resnet32x4",
+        "resnet8x4",
+        "cifar100",
     )
     assert cfg.trainer.max_epochs == 240 and cfg.data.batch_size == 64
     opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
@@ -130,9 +147,20 @@ def test_term_can_be_removed_by_override() -> None:
     assert list(build_terms(cfg)) == ["kd"]
 
 
-@pytest.mark.parametrize("group", ["trainer=gpu", "trainer=ddp", "logger=tensorboard",
-                                   "logger=mlflow", "logger=wandb", "data=cifar10",
-                                   "data=cifar100", "data=synthetic", "data=image_folder"])
+@pytest.mark.parametrize(
+    "group",
+    [
+        "trainer=gpu",
+        "trainer=ddp",
+        "logger=tensorboard",
+        "logger=mlflow",
+        "logger=wandb",
+        "data=cifar10",
+        "data=cifar100",
+        "data=synthetic",
+        "data=image_folder",
+    ],
+)
 def test_groups_compose(group: str) -> None:
     cfg = _compose([group])
     if group == "trainer=gpu":

@@ -14,21 +14,46 @@ from kdkit.cli import main
 from kdkit.models.small import MLP
 from kdkit.pipeline import load_model
 
-BUDGET = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
-          "progress_bar=none", "evaluate.latency=false"]
+BUDGET = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=4",
+    "trainer.limit_val_batches=2",
+    "progress_bar=none",
+    "evaluate.latency=false",
+]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 def test_ddp_distill_on_cpu_writes_a_student_only_checkpoint(tmp_path: Path) -> None:
-    main(["train", "model=teacher", "teacher.max_epochs=1", *BUDGET[1:],
-          f"hydra.run.dir={tmp_path / 'teacher_run'}"])
+    main(
+        [
+            "train",
+            "model=teacher",
+            "teacher.max_epochs=1",
+            *BUDGET[1:],
+            f"hydra.run.dir={tmp_path / 'teacher_run'}",
+        ]
+    )
     teacher = tmp_path / "teacher_run/teacher/model.pt"
     run = tmp_path / "ddp_run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "kdkit.cli", "distill", "trainer=ddp", "threads=1",
-         f"teacher.checkpoint={teacher}", *BUDGET, f"hydra.run.dir={run}"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kdkit.cli",
+            "distill",
+            "trainer=ddp",
+            "threads=1",
+            f"teacher.checkpoint={teacher}",
+            *BUDGET,
+            f"hydra.run.dir={run}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Lightning logs one line per process it joins to the group.

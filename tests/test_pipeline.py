@@ -62,7 +62,7 @@ def test_distilled_checkpoint_has_no_teacher_and_reloads_as_its_class(run_dir: P
     assert ckpt["kdkit_model"]["name"] == "mlp"
     model = load_model(run_dir / "distilled/model.pt")
     assert isinstance(model, MLP)
-    student_keys = {k[len("distiller.student."):] for k in keys}
+    student_keys = {k[len("distiller.student.") :] for k in keys}
     assert student_keys == set(model.state_dict())
     from_ckpt = load_model(run_dir / "distilled/checkpoints/last.ckpt")
     x = torch.rand(5, 1, 8, 8)
@@ -71,8 +71,10 @@ def test_distilled_checkpoint_has_no_teacher_and_reloads_as_its_class(run_dir: P
 
 def test_eval_reproduces_the_run_accuracy(run_dir: Path, tmp_path: Path) -> None:
     kdkit(
-        "eval", f"checkpoint={run_dir / 'distilled/model.pt'}",
-        f"teacher.checkpoint={run_dir / 'teacher/model.pt'}", f"hydra.run.dir={tmp_path}",
+        "eval",
+        f"checkpoint={run_dir / 'distilled/model.pt'}",
+        f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+        f"hydra.run.dir={tmp_path}",
         "evaluate.latency=false",
     )
     got = json.loads((tmp_path / "eval.json").read_text())
@@ -107,8 +109,11 @@ def test_teacher_with_other_class_count_is_refused(
 ) -> None:
     with pytest.raises(SystemExit) as info:
         kdkit(
-            "distill", "data=synthetic", f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
-            f"hydra.run.dir={tmp_path}", *TINY,
+            "distill",
+            "data=synthetic",
+            f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+            f"hydra.run.dir={tmp_path}",
+            *TINY,
         )
     err = capsys.readouterr().err
     assert info.value.code == 2
@@ -117,8 +122,14 @@ def test_teacher_with_other_class_count_is_refused(
 
 def test_train_is_repeatable_with_a_seed(tmp_path: Path) -> None:
     for name in ("a", "b"):
-        kdkit("train", "model=student", "seed=3", *TINY, f"hydra.run.dir={tmp_path / name}",
-              "evaluate.latency=false")
+        kdkit(
+            "train",
+            "model=student",
+            "seed=3",
+            *TINY,
+            f"hydra.run.dir={tmp_path / name}",
+            "evaluate.latency=false",
+        )
     a = load_model_file(tmp_path / "a/student/model.pt")["state_dict"]
     b = load_model_file(tmp_path / "b/student/model.pt")["state_dict"]
     assert a.keys() == b.keys()
@@ -128,8 +139,13 @@ def test_train_is_repeatable_with_a_seed(tmp_path: Path) -> None:
 
 def test_multirun_sweeps_methods(run_dir: Path, tmp_path: Path) -> None:
     kdkit(
-        "distill", "-m", "distill=kd,dkd", f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
-        f"hydra.sweep.dir={tmp_path}", *TINY, "evaluate.latency=false",
+        "distill",
+        "-m",
+        "distill=kd,dkd",
+        f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+        f"hydra.sweep.dir={tmp_path}",
+        *TINY,
+        "evaluate.latency=false",
     )
     for job, method in (("0", "kd"), ("1", "dkd")):
         meta = load_model_file(tmp_path / job / "distilled/model.pt")["metadata"]
@@ -156,8 +172,12 @@ def test_interrupted_distill_leaves_no_partial_files_and_resumes(
 
     monkeypatch.setattr(DistillationModule, "training_step", crashing)
     teacher = f"teacher.checkpoint={run_dir / 'teacher/model.pt'}"
-    budget = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "progress_bar=none",
-              "evaluate.latency=false"]
+    budget = [
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=3",
+        "progress_bar=none",
+        "evaluate.latency=false",
+    ]
     with pytest.raises(SystemExit):
         kdkit("distill", teacher, *budget, f"hydra.run.dir={tmp_path}")
     assert not (tmp_path / "distilled/model.pt").exists()

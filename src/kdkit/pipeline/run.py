@@ -68,12 +68,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     entries = [
         evaluate_model(cfg, teacher, "teacher", cfg.teacher.name, dm, stage_dir=out / "teacher"),
         evaluate_model(
-            cfg, scratch, "scratch", cfg.student.name, dm, teacher_logits=t_logits,
+            cfg,
+            scratch,
+            "scratch",
+            cfg.student.name,
+            dm,
+            teacher_logits=t_logits,
             stage_dir=out / "scratch",
         ),
         evaluate_model(
-            cfg, distilled, "distilled", f"{cfg.student.name} ({cfg.distill.method})", dm,
-            teacher_logits=t_logits, stage_dir=out / "distilled",
+            cfg,
+            distilled,
+            "distilled",
+            f"{cfg.student.name} ({cfg.distill.method})",
+            dm,
+            teacher_logits=t_logits,
+            stage_dir=out / "distilled",
         ),
     ]
     build_report(entries, out, title=_title(cfg), config=to_container(cfg))
@@ -93,7 +103,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not _is_rank_zero():
         return {}
     entry = evaluate_model(
-        cfg, model, "teacher" if role == "teacher" else "scratch", cfg[role].name, dm,
+        cfg,
+        model,
+        "teacher" if role == "teacher" else "scratch",
+        cfg[role].name,
+        dm,
         stage_dir=out / role,
     )
     print_report([entry], title=f"kdkit train: {cfg[role].name}")
@@ -116,8 +130,13 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if not _is_rank_zero():
         return {}
     entry = evaluate_model(
-        cfg, student, "distilled", f"{cfg.student.name} ({cfg.distill.method})", dm,
-        teacher_logits=teacher_test_logits(teacher, dm), stage_dir=out / "distilled",
+        cfg,
+        student,
+        "distilled",
+        f"{cfg.student.name} ({cfg.distill.method})",
+        dm,
+        teacher_logits=teacher_test_logits(teacher, dm),
+        stage_dir=out / "distilled",
     )
     print_report([entry], title=_title(cfg))
     print(f"model: {out / 'distilled' / 'model.pt'}")
@@ -151,7 +170,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         teacher, _ = load_teacher(cfg, dm.num_classes)
     role = "teacher" if model.kdkit_spec.get("role") == "teacher" else "distilled"
     entry = evaluate_model(
-        cfg, model, role, model.kdkit_spec["name"], dm,
+        cfg,
+        model,
+        role,
+        model.kdkit_spec["name"],
+        dm,
         teacher_logits=teacher_test_logits(teacher, dm),
     )
     atomic_write_text(out / "eval.json", json.dumps(entry.to_dict(), indent=2) + "\n")
