@@ -67,6 +67,8 @@ def _quiet_lightning() -> None:
 
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # ...but a DDP run still says which processes joined ("MEMBER: 1/2").
+    logging.getLogger("lightning.fabric.utilities.distributed").setLevel(logging.INFO)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
