@@ -410,3 +410,36 @@ def test_map_layers_errors():
         map_layers("s{i}", "t{i}", 2, 4, "random")
     with pytest.raises(ValueError, match=r"teacher_pattern must contain '\{i\}'"):
         map_layers("s{i}", "t", 2, 4)
+
+
+def test_pair_layers_keeps_the_deepest_and_can_exclude_ends():
+    from kdkit.capture import pair_layers
+
+    teacher = [f"t{i}" for i in range(12)]
+    student = [f"s{i}" for i in range(6)]
+    s, t = pair_layers(student, teacher)
+    assert s == student and t == ["t1", "t3", "t5", "t7", "t9", "t11"]
+    s, t = pair_layers(student, teacher, exclude_first_and_last=True)
+    assert s == ["s1", "s2", "s3", "s4"] and t == ["t2", "t5", "t8", "t10"]
+    assert pair_layers(["a", "b"], ["x", "y"]) == (["a", "b"], ["x", "y"])
+    with pytest.raises(ValueError, match=r"at least 3 student layers"):
+        pair_layers(["a", "b"], teacher, exclude_first_and_last=True)
+
+
+def test_config_exclude_first_and_last_reaches_the_terms():
+    from hydra import compose, initialize_config_dir
+
+    from kdkit.cli import CONFIG_DIR
+    from kdkit.pipeline.build import build_terms
+
+    overrides = [
+        "distill=at",
+        "student=small_cnn",
+        "student.feature_layers=[block1,block2,block3]",
+        "teacher.feature_layers=[block1,block2,block3]",
+        "distill.exclude_first_and_last=true",
+    ]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    term = build_terms(cfg)["at"]
+    assert term.student == ["block2"] and term.teacher == ["block2"]

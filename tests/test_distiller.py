@@ -340,3 +340,11 @@ def test_compile_refuses_feature_terms(teacher):
             [Term(MSEHiddenStatesLoss(), student="2", teacher="2")],
             compile=True,
         )
+
+
+def test_a_submodule_flipped_to_train_is_put_back_in_eval(digits, teacher):
+    teacher = copy.deepcopy(teacher)
+    distiller = Distiller(mlp(16), teacher, [Term(KLDivLoss())])
+    teacher[1].train()  # only the BatchNorm, not the root
+    distiller(digits["x_train"][:8])
+    assert not any(m.training for m in teacher.modules())

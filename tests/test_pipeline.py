@@ -209,3 +209,43 @@ def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_cache_then_distill_from_it(run_dir: Path, tmp_path: Path) -> None:
+    teacher = run_dir / "teacher/model.pt"
+    cache_dir = tmp_path / "cache"
+    kdkit(
+        "cache",
+        f"teacher.checkpoint={teacher}",
+        f"cache.path={cache_dir}",
+        f"hydra.run.dir={tmp_path / 'c'}",
+        "data.augment=false",
+    )
+    assert (cache_dir / "meta.json").is_file()
+    out = tmp_path / "d"
+    kdkit(
+        "distill",
+        *TINY,
+        f"distill.teacher_cache={cache_dir}",
+        "data.augment=false",
+        f"hydra.run.dir={out}",
+        "evaluate.latency=false",
+    )
+    assert isinstance(load_model(out / "distilled/model.pt"), MLP)
+    metrics = json.loads((out / "distilled/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_unlabeled_transfer_set_and_mixup_train(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "u"
+    kdkit(
+        "distill",
+        *TINY,
+        f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+        "data.labeled_fraction=0.1",
+        "distill.mixup_alpha=0.2",
+        f"hydra.run.dir={out}",
+        "evaluate.latency=false",
+    )
+    metrics = json.loads((out / "distilled/metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0

@@ -437,3 +437,43 @@ def map_layers(
     else:
         raise ValueError(f"strategy must be one of 'uniform', 'skip', 'last', got {strategy!r}")
     return [(student_pattern.format(i=s), teacher_pattern.format(i=t)) for s, t in pairs]
+
+
+def pair_layers(
+    student_paths: Sequence[str],
+    teacher_paths: Sequence[str],
+    *,
+    exclude_first_and_last: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Pair two lists of layer paths for a feature term, shallowest to deepest.
+
+    Lists of equal length pair in order. Otherwise the longer list is sampled uniformly down
+    to the shorter one's length, keeping its deepest layer (TinyBERT's uniform mapping, as
+    :func:`map_layers` ``"uniform"``: 12 -> 6 keeps layers 1, 3, 5, 7, 9, 11).
+
+    ``exclude_first_and_last`` first drops the first and the last entry of each list, as the
+    attention-transfer callback of the seed library does by default for lists of hidden states
+    (the first is the embedding / stem output, the last feeds the logits, which other terms
+    already match).
+    """
+    student, teacher = list(student_paths), list(teacher_paths)
+    if exclude_first_and_last:
+        for name, paths in (("student", student), ("teacher", teacher)):
+            if len(paths) < 3:
+                raise ValueError(
+                    f"exclude_first_and_last needs at least 3 {name} layers to keep one, got "
+                    f"{paths}; list more layers or set exclude_first_and_last=False."
+                )
+        student, teacher = student[1:-1], teacher[1:-1]
+    n = min(len(student), len(teacher))
+    if n == 0:
+        raise ValueError(
+            f"cannot pair layers: student {student} and teacher {teacher} must both be "
+            "non-empty; kdkit.capture.list_modules(model) lists the module paths."
+        )
+
+    def uniform(paths: list[str]) -> list[str]:
+        step = len(paths) / n
+        return [paths[round((i + 1) * step) - 1] for i in range(n)]
+
+    return uniform(student), uniform(teacher)

@@ -176,10 +176,11 @@ def _softened_log_probs(
 
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p || q) = sum_c p_c (log p_c - log q_c)`` over the last dim, with ``0 log 0 = 0``."""
-    p = log_p.exp()
-    # Masking the difference (not the product) keeps gradients finite where p == 0, log p = -inf.
-    diff = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
-    return (p * diff).sum(dim=-1)
+    # One fused kernel, exp(t) * (t - input). Flooring -inf log-probs (masked classes) at the
+    # dtype's minimum keeps 0 log 0 = 0 and the gradients finite.
+    floor = torch.finfo(log_p.dtype).min
+    kl = F.kl_div(log_q.clamp(min=floor), log_p.clamp(min=floor), reduction="none", log_target=True)
+    return kl.sum(dim=-1)
 
 
 def _cross_entropy_rows(log_p: Tensor, log_q: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from kdkit.capture import pair_layers
 from kdkit.distiller import Term
 from kdkit.pipeline.checkpoint import (
     AtomicCheckpointIO,
@@ -88,19 +89,6 @@ def load_teacher(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict]:
     return model.eval(), spec
 
 
-def _pair(student: list[str], teacher: list[str]) -> tuple[list[str], list[str]]:
-    """Pair two layer lists of unequal length uniformly, keeping the deepest layers."""
-    if len(student) == len(teacher) or not student or not teacher:
-        return student, teacher
-    n = min(len(student), len(teacher))
-
-    def pick(paths: list[str]) -> list[str]:
-        step = len(paths) / n
-        return [paths[round((i + 1) * step) - 1] for i in range(n)]
-
-    return pick(student), pick(teacher)
-
-
 def build_terms(cfg: DictConfig) -> dict[str, Term]:
     """``cfg.distill.terms`` -> ``{name: Term}`` (the mapping Distiller(terms=...) takes)."""
     terms_cfg = cfg.distill.get("terms")
@@ -126,7 +114,11 @@ def build_terms(cfg: DictConfig) -> dict[str, Term]:
                     f"{term.student} / teacher.feature_layers={term.teacher} is empty; set both "
                     "lists of module paths (kdkit.list_modules(model) lists them)."
                 )
-            term.student, term.teacher = _pair(term.student, term.teacher)
+            term.student, term.teacher = pair_layers(
+                term.student,
+                term.teacher,
+                exclude_first_and_last=bool(cfg.distill.get("exclude_first_and_last", False)),
+            )
         terms[str(name)] = term
     return terms
 
