@@ -9,7 +9,7 @@ are registered parameters, so optimizers and checkpoints see them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -182,50 +182,50 @@ class CrossEntropyLoss(nn.Module):
         return KF.cross_entropy(logits, target)
 
 
-class HintonLoss(nn.Module):
+class _LabeledSoftLoss(nn.Module):
+    """A soft loss that also reads the labels, with weights ``alpha``, ``beta`` and ``T``."""
+
+    needs_target: bool = True
+    formula: Callable[..., Tensor]
+
+    def __init__(self, alpha: float, beta: float, temperature: float) -> None:
+        super().__init__()
+        self.alpha = KF._check_weight("alpha", alpha)
+        self.beta = KF._check_weight("beta", beta)
+        self.temperature = KF.check_temperature(temperature)
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
+        target = _require_target(self, target)
+        return type(self).formula(student, teacher, target, self.alpha, self.beta, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+
+
+class HintonLoss(_LabeledSoftLoss):
     """``alpha * CE(y, z_s) + beta * T^2 * H(softmax(z_t / T), softmax(z_s / T))``.
 
     The combined loss of Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"
     (hard term at ``T = 1``). See :func:`kdkit.functional.hinton_loss`.
     """
 
-    needs_target: bool = True
+    formula = staticmethod(KF.hinton_loss)
 
     def __init__(self, alpha: float = 0.1, beta: float = 0.9, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.alpha = KF._check_weight("alpha", alpha)
-        self.beta = KF._check_weight("beta", beta)
-        self.temperature = KF.check_temperature(temperature)
-
-    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
-        target = _require_target(self, target)
-        return KF.hinton_loss(student, teacher, target, self.alpha, self.beta, self.temperature)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+        super().__init__(alpha, beta, temperature)
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(_LabeledSoftLoss):
     """Decoupled KD (Zhao et al., CVPR 2022): ``T^2 * (alpha * TCKD + beta * NCKD)``.
 
     TCKD: KL of the binary target / non-target distributions; NCKD: KL among the non-target
     classes. See :func:`kdkit.functional.dkd`.
     """
 
-    needs_target: bool = True
+    formula = staticmethod(KF.dkd)
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
-        super().__init__()
-        self.alpha = KF._check_weight("alpha", alpha)
-        self.beta = KF._check_weight("beta", beta)
-        self.temperature = KF.check_temperature(temperature)
-
-    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
-        target = _require_target(self, target)
-        return KF.dkd(student, teacher, target, self.alpha, self.beta, self.temperature)
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+        super().__init__(alpha, beta, temperature)
 
 
 class DISTLoss(nn.Module):
