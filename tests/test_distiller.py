@@ -230,7 +230,7 @@ def test_nan_term_is_named(digits, teacher):
     distiller = Distiller(mlp(16), teacher, {"kd": Term(KLDivLoss())}).eval()
     x = digits["x_train"][:4].clone()
     x[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match=r"term 'kd' is nan"):
+    with pytest.raises(FloatingPointError, match=r"term 'kd' was NaN/Inf; lower"):
         distiller(x)
 
 
@@ -348,3 +348,25 @@ def test_a_submodule_flipped_to_train_is_put_back_in_eval(digits, teacher):
     teacher[1].train()  # only the BatchNorm, not the root
     distiller(digits["x_train"][:8])
     assert not any(m.training for m in teacher.modules())
+
+
+def test_on_an_accelerator_finiteness_is_read_every_n_steps(teacher):
+    from types import SimpleNamespace
+
+    distiller = Distiller(
+        mlp(16),
+        teacher,
+        {"kd": Term(KLDivLoss()), "hint": Term(KLDivLoss(2.0))},
+        check_finite_every=3,
+    )
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))  # only its device is read
+    fine = {"kd": torch.tensor(1.0), "hint": torch.tensor(2.0)}
+    broken = {"kd": torch.tensor(1.0), "hint": torch.tensor(float("inf"))}
+    distiller._check_finite(on_gpu, fine)
+    distiller._check_finite(on_gpu, broken)  # not read yet: no sync on this step
+    with pytest.raises(FloatingPointError, match=r"term 'hint' was NaN/Inf in one of the last 3"):
+        distiller._check_finite(on_gpu, fine)
+    for _ in range(3):  # the flags start afresh after a read
+        distiller._check_finite(on_gpu, fine)
+    with pytest.raises(ValueError, match=r"check_finite_every must be an int >= 1, got 0"):
+        Distiller(mlp(16), teacher, [Term(KLDivLoss())], check_finite_every=0)

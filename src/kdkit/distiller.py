@@ -152,8 +152,10 @@ class Distiller(nn.Module):
             tuple; ``"logits"`` key or attribute), an index, a key / attribute name, or a callable.
         teacher_logits: selector for the teachers' outputs, when it differs from ``logits``.
         example_input: one input batch, used once to probe feature shapes for adapters.
-        check_finite: raise when a term is NaN/Inf, naming it (one host sync per step on GPU;
-            turn it off for the last bit of GPU throughput).
+        check_finite: raise when a term is NaN/Inf, naming it. On the CPU every step; on an
+            accelerator the flags stay on the device and are read every ``check_finite_every``
+            steps, so steps are not held up by a host sync.
+        check_finite_every: steps between reads of the flags on an accelerator.
         autocast_dtype: run the teachers under ``torch.autocast`` with this dtype (e.g.
             ``torch.bfloat16``); the soft losses upcast logits to float32 before the softmax.
         channels_last: put student and teachers in ``torch.channels_last`` memory format and
@@ -174,6 +176,7 @@ class Distiller(nn.Module):
         teacher_logits: Selector = None,
         example_input: Any = None,
         check_finite: bool = True,
+        check_finite_every: int = 100,
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -190,6 +193,11 @@ class Distiller(nn.Module):
         self.logits_selector = logits
         self.teacher_logits_selector = teacher_logits if teacher_logits is not None else logits
         self.check_finite = check_finite
+        if not isinstance(check_finite_every, int) or check_finite_every < 1:
+            raise ValueError(f"check_finite_every must be an int >= 1, got {check_finite_every!r}.")
+        self.check_finite_every = check_finite_every
+        self._finite_flags: Tensor | None = None
+        self._unchecked_steps = 0
         self.terms = self._name_terms(terms)
         if not self.terms:
             raise ValueError(
@@ -559,17 +567,32 @@ class Distiller(nn.Module):
                 values[name] = value.detach()
                 weighted.append(value if term.weight == 1 else term.weight * value)
         total = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum()
-        # One check (one host sync on GPU) per step; the names are looked up only on failure.
-        if self.check_finite and not torch.isfinite(total):
-            name, value = next(
-                ((n, v) for n, v in values.items() if not torch.isfinite(v).all()),
-                ("sum of the terms", total),
-            )
-            raise FloatingPointError(
-                f"term {name!r} is {value.item()} (not finite); lower the learning rate, check "
-                "the inputs for NaN/Inf, or raise the temperature of a soft term."
-            )
+        if self.check_finite:
+            self._check_finite(total, values)
         return DistillerOutput(total, values, student_output, logits, t_logits)
+
+    def _check_finite(self, total: Tensor, values: dict[str, Tensor]) -> None:
+        if total.device.type == "cpu":
+            if not torch.isfinite(total):
+                self._raise_nonfinite([bool(torch.isfinite(v).all()) for v in values.values()])
+            return
+        # On an accelerator, reading a flag waits for the device: keep the flags there and read
+        # them once every `check_finite_every` steps.
+        flags = torch.stack([torch.isfinite(v).all() for v in values.values()])
+        self._finite_flags = flags if self._finite_flags is None else self._finite_flags & flags
+        self._unchecked_steps += 1
+        if self._unchecked_steps >= self.check_finite_every:
+            ok, self._finite_flags, self._unchecked_steps = self._finite_flags.tolist(), None, 0
+            if not all(ok):
+                self._raise_nonfinite(ok, steps=self.check_finite_every)
+
+    def _raise_nonfinite(self, ok: list[bool], steps: int = 1) -> None:
+        name = next((n for n, fine in zip(self.terms, ok, strict=True) if not fine), "the sum")
+        when = "" if steps == 1 else f" in one of the last {steps} steps"
+        raise FloatingPointError(
+            f"term {name!r} was NaN/Inf{when}; lower the learning rate, check the inputs for "
+            "NaN/Inf, or raise the temperature of a soft term."
+        )
 
     def _term(self, name: str, term: Term, step: _Step) -> Tensor:
         args = self._term_inputs(name, term, step)
