@@ -146,6 +146,15 @@ def build_loggers(cfg: DictConfig, stage: str) -> list[Any]:
     return loggers
 
 
+class _NoVersionNumber:
+    """Progress-bar mixin: drop the logger version (``v_num``), which here is the stage name."""
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)  # type: ignore[misc]
+        metrics.pop("v_num", None)
+        return metrics
+
+
 def build_trainer(
     cfg: DictConfig,
     stage_dir: Path,
@@ -176,10 +185,9 @@ def build_trainer(
     assert isinstance(trainer_cfg, dict)
     if trainer_cfg.get("enable_progress_bar", True):
         bar = cfg.get("progress_bar", "rich")
-        if bar == "rich":
-            callbacks.append(RichProgressBar())
-        elif bar == "tqdm":
-            callbacks.append(TQDMProgressBar())
+        if bar in ("rich", "tqdm"):
+            base = RichProgressBar if bar == "rich" else TQDMProgressBar
+            callbacks.append(type(f"Stage{base.__name__}", (_NoVersionNumber, base), {})())
         else:
             trainer_cfg["enable_progress_bar"] = False
     optional = ("limit_train_batches", "limit_val_batches", "limit_test_batches")
