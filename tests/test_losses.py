@@ -402,3 +402,60 @@ def test_kl_term_with_ignore_index_reads_labels_as_keyword():
     out = Distiller(student, teacher, [term])(x, target)
     expected = L.KLDivLoss(2.0)(student(x), teacher(x), mask=target != -100)
     assert torch.allclose(out.loss, expected)
+
+
+# ------------------------------------------------------------------ regressions from review
+def test_labels_can_never_be_taken_for_a_mask():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    labels = torch.tensor([[0, 1, -100], [2, -100, 0]])
+    with pytest.raises(TypeError):
+        L.KLDivLoss(2.0, ignore_index=-100)(s, t, labels)  # mask and target are keyword-only
+    with pytest.raises(ValueError, match=r"ignore_index is None"):
+        L.KLDivLoss(2.0)(s, t, target=labels)
+    with pytest.raises(ValueError, match=r"mask shape \(3,\) does not match"):
+        L.KLDivLoss(2.0, ignore_index=-100)(
+            s, t, mask=torch.ones(3, dtype=torch.bool), target=labels
+        )
+    with pytest.raises(ValueError, match=r"values other than 0/1"):
+        L.KLDivLoss(2.0)(s, t, mask=labels)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [L.KLDivLoss(2.0), L.ReverseKLDivLoss(2.0), L.GeneralizedJSDLoss(0.5, 2.0), L.MSELogitsLoss()],
+)
+def test_nan_in_a_masked_token_does_not_reach_the_gradients(loss):
+    s = torch.randn(2, 3, 5, requires_grad=True)
+    t = torch.randn(2, 3, 5)
+    with torch.no_grad():
+        s[0, 2] = float("nan")
+    t[1, 0] = float("inf")
+    mask = torch.tensor([[True, True, False], [False, True, True]])
+    value = loss(s, t, mask=mask)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+    assert torch.equal(s.grad[0, 2], torch.zeros(5))
+
+
+def test_gjsd_with_a_class_masked_in_both_models_has_finite_gradients():
+    s = torch.tensor([[1.0, 0.5, float("-inf")]], requires_grad=True)
+    t = torch.tensor([[0.2, 1.5, float("-inf")]])
+    value = L.GeneralizedJSDLoss(beta=0.5)(s, t)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+
+
+def test_rkd_treats_the_teacher_as_a_target():
+    s, t = torch.randn(6, 4, requires_grad=True), torch.randn(6, 8, requires_grad=True)
+    L.RKDLoss()(s, t).backward()
+    assert s.grad is not None and t.grad is None
+
+
+def test_shared_log_softmax_respects_grad_mode():
+    from kdkit.functional import log_softmax, shared_log_softmax
+
+    z = torch.randn(3, 4, requires_grad=True)
+    with shared_log_softmax():
+        with torch.no_grad():
+            log_softmax(z, 2.0)
+        assert log_softmax(z, 2.0).requires_grad

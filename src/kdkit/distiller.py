@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
@@ -228,6 +229,27 @@ class Distiller(nn.Module):
                 )
             object.__setattr__(self, "_student_fn", torch.compile(self.student))
             self._teacher_fns = [torch.compile(t) for t in self._teachers]
+
+    @classmethod
+    def from_config(
+        cls,
+        student: nn.Module,
+        teacher: nn.Module | Sequence[nn.Module] | Any | None,
+        config: str | os.PathLike | Mapping[str, Any],
+        *,
+        context: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> Distiller:
+        """A Distiller whose terms come from a distill config, as ``kdkit distill`` builds them.
+
+        ``config`` is a shipped method name (``"kd"``, ``"dkd"``, ``"at"``, ...), a YAML file
+        or a mapping with a ``terms`` mapping of ``_target_: kdkit.Term`` configs (see
+        :mod:`kdkit.config`); ``options`` are the other keyword arguments of ``Distiller``.
+        """
+        from kdkit.config import load_distill_config, terms_from_config
+
+        terms = terms_from_config(load_distill_config(config, context))
+        return cls(student, teacher, terms, **options)
 
     # ----------------------------------------------------------------- construction helpers
     @staticmethod

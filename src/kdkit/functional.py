@@ -104,7 +104,14 @@ def _check_mask(mask: Tensor, token_shape: torch.Size) -> Tensor:
             f"{tuple(token_shape)}; pass a bool mask shaped like the logits without the class "
             "dimension (True = keep the token)"
         )
-    return mask if mask.dtype == torch.bool else mask != 0
+    if mask.dtype == torch.bool:
+        return mask
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(
+            f"mask holds values other than 0/1 (dtype {mask.dtype}); pass a bool mask (True = "
+            "keep the token). Labels go in target=, with ignore_index set."
+        )
+    return mask != 0
 
 
 def _check_hard_target(target: Tensor, logits: Tensor) -> None:
@@ -130,7 +137,7 @@ def _upcast(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-_SHARED: ContextVar[dict[tuple[int, int, float], tuple[Tensor, Tensor]] | None] = ContextVar(
+_SHARED: ContextVar[dict[tuple[int, int, float, bool], tuple[Tensor, Tensor]] | None] = ContextVar(
     "kdkit_shared_log_softmax", default=None
 )
 
@@ -153,7 +160,7 @@ def shared_log_softmax() -> Iterator[None]:
 def log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """``log softmax(z / T)`` over the last dim, in float32 for half-precision logits."""
     memo = _SHARED.get()
-    key = (id(logits), logits._version, float(temperature))
+    key = (id(logits), logits._version, float(temperature), torch.is_grad_enabled())
     if memo is not None and key in memo and memo[key][0] is logits:
         return memo[key][1]
     scaled = _upcast(logits) if temperature == 1.0 else _upcast(logits) / temperature
@@ -164,11 +171,19 @@ def log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def _softened_log_probs(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor, float]:
-    """Checked ``(log p_s, log p_t, T)`` with ``p = softmax(z / T)`` over the last dim."""
+    """Checked ``(log p_s, log p_t, T)`` with ``p = softmax(z / T)`` over the last dim.
+
+    Masked-out tokens are zeroed first: their loss is dropped anyway, and NaN/Inf there (fp16
+    overflow in padding) would otherwise reach the gradients through the backward pass.
+    """
     temperature = check_temperature(temperature)
     _check_logits(student_logits, teacher_logits)
+    if mask is not None:
+        drop = ~_check_mask(mask.to(student_logits.device), student_logits.shape[:-1]).unsqueeze(-1)
+        student_logits = student_logits.masked_fill(drop, 0.0)
+        teacher_logits = teacher_logits.masked_fill(drop, 0.0)
     log_p_s = log_softmax(student_logits, temperature)
     log_p_t = log_softmax(teacher_logits, temperature)
     return log_p_s, log_p_t, temperature
@@ -250,7 +265,9 @@ def kl_div(
 
     The gradient is ``dloss/dz_s = T (p_s - p_t) / N`` for ``N`` samples.
     """
-    log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
+    log_p_s, log_p_t, temperature = _softened_log_probs(
+        student_logits, teacher_logits, temperature, mask
+    )
     return temperature**2 * _masked_mean(_kl_rows(log_p_t, log_p_s), mask)
 
 
@@ -265,7 +282,9 @@ def reverse_kl_div(
 
     ``loss = T^2 * mean_n KL(p_s || p_t) = T^2 * mean_n sum_c p_s,c (log p_s,c - log p_t,c)``.
     """
-    log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
+    log_p_s, log_p_t, temperature = _softened_log_probs(
+        student_logits, teacher_logits, temperature, mask
+    )
     return temperature**2 * _masked_mean(_kl_rows(log_p_s, log_p_t), mask)
 
 
@@ -292,12 +311,17 @@ def generalized_jsd(
             f"beta must be a number in [0, 1], got {beta!r}; 0 = forward KL(teacher || student), "
             "1 = reverse KL(student || teacher), in between = generalized JSD"
         )
-    log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
+    log_p_s, log_p_t, temperature = _softened_log_probs(
+        student_logits, teacher_logits, temperature, mask
+    )
     if beta == 0.0:
         rows = _kl_rows(log_p_t, log_p_s)
     elif beta == 1.0:
         rows = _kl_rows(log_p_s, log_p_t)
     else:
+        # Floored like _kl_rows: logsumexp of two -inf (a class masked in both) has NaN grads.
+        floor = torch.finfo(log_p_s.dtype).min
+        log_p_t, log_p_s = log_p_t.clamp(min=floor), log_p_s.clamp(min=floor)
         log_m = torch.logsumexp(
             torch.stack([log_p_t + math.log(beta), log_p_s + math.log1p(-beta)]), dim=0
         )
@@ -317,7 +341,9 @@ def soft_cross_entropy(
     :func:`kl_div` plus ``T^2`` times the teacher's entropy, so it has the same gradient in the
     student but is not 0 when student and teacher agree.
     """
-    log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
+    log_p_s, log_p_t, temperature = _softened_log_probs(
+        student_logits, teacher_logits, temperature, mask
+    )
     return temperature**2 * _masked_mean(_cross_entropy_rows(log_p_t, log_p_s), mask)
 
 
@@ -386,6 +412,9 @@ def mse_logits(
     """
     _check_logits(student_logits, teacher_logits)
     diff = _upcast(student_logits) - _upcast(teacher_logits)
+    if mask is not None:  # zeroed, so NaN/Inf in dropped tokens cannot reach the gradients
+        keep = _check_mask(mask.to(diff.device), diff.shape[:-1])
+        diff = diff.masked_fill(~keep.unsqueeze(-1), 0.0)
     return _masked_mean(diff.pow(2).mean(dim=-1), mask)
 
 
@@ -521,8 +550,8 @@ def attention_map(feature: Tensor, p: float = 2) -> Tensor:
         raise ValueError(
             f"attention_map needs a feature map [B, C, H, W], got shape {tuple(feature.shape)}"
         )
-    if p <= 0:
-        raise ValueError(f"attention_map: p must be > 0, got {p}; the paper uses p=2")
+    if isinstance(p, bool) or not isinstance(p, int | float) or p <= 0:
+        raise ValueError(f"attention_map: p must be a number > 0, got {p!r}; the paper uses p=2")
     return F.normalize(_upcast(feature).abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
@@ -608,6 +637,7 @@ def rkd(
     distance_weight = _check_weight("distance_weight", distance_weight)
     angle_weight = _check_weight("angle_weight", angle_weight)
     s, t = _flat_batch(student_embeddings, teacher_embeddings, "rkd")
+    t = t.detach()  # the teacher's relations are targets, as in the reference implementation
 
     def distances(x: Tensor) -> Tensor:
         d = _pairwise_distances(x)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from kdkit import functional as KF
@@ -58,7 +57,12 @@ def _require_target(loss: nn.Module, target: Tensor | None) -> Tensor:
 
 
 class _TokenLogitLoss(nn.Module):
-    """Shared mask / ``ignore_index`` handling for losses on ``[B, C]`` or ``[B, L, C]`` logits."""
+    """Shared mask / ``ignore_index`` handling for losses on ``[B, C]`` or ``[B, L, C]`` logits.
+
+    ``forward(student, teacher, *, mask=None, target=None)``: ``mask`` (bool, True = keep) and,
+    with ``ignore_index`` set, ``target != ignore_index`` select the tokens averaged over. Both
+    are keyword-only, so labels can never be taken for a mask.
+    """
 
     needs_target: bool = False
 
@@ -66,11 +70,29 @@ class _TokenLogitLoss(nn.Module):
         super().__init__()
         self.ignore_index = ignore_index
 
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        *,
+        mask: Tensor | None = None,
+        target: Tensor | None = None,
+    ) -> Tensor:
+        return self.compute(student, teacher, self._mask(mask, target))
+
+    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
     def _mask(self, mask: Tensor | None, target: Tensor | None) -> Tensor | None:
-        if self.ignore_index is None or target is None:
+        if target is None:
             return mask
+        if self.ignore_index is None:
+            raise ValueError(
+                f"{type(self).__name__} got target but ignore_index is None, so the labels "
+                "would be ignored; set ignore_index (e.g. -100 for padding) or drop target."
+            )
         keep = target != self.ignore_index
-        return keep if mask is None else keep & mask.to(torch.bool)
+        return keep if mask is None else keep & KF._check_mask(mask, keep.shape)
 
 
 class _KLFamilyLoss(_TokenLogitLoss):
@@ -90,14 +112,8 @@ class KLDivLoss(_KLFamilyLoss):
     See :func:`kdkit.functional.kl_div`.
     """
 
-    def forward(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        mask: Tensor | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return KF.kl_div(student, teacher, self.temperature, self._mask(mask, target))
+    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+        return KF.kl_div(student, teacher, self.temperature, mask)
 
 
 class ReverseKLDivLoss(_KLFamilyLoss):
@@ -106,14 +122,8 @@ class ReverseKLDivLoss(_KLFamilyLoss):
     Same inputs as :class:`KLDivLoss`. See :func:`kdkit.functional.reverse_kl_div`.
     """
 
-    def forward(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        mask: Tensor | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return KF.reverse_kl_div(student, teacher, self.temperature, self._mask(mask, target))
+    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+        return KF.reverse_kl_div(student, teacher, self.temperature, mask)
 
 
 class GeneralizedJSDLoss(_TokenLogitLoss):
@@ -135,16 +145,8 @@ class GeneralizedJSDLoss(_TokenLogitLoss):
         self.beta = float(beta)
         self.temperature = KF.check_temperature(temperature)
 
-    def forward(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        mask: Tensor | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return KF.generalized_jsd(
-            student, teacher, self.beta, self.temperature, self._mask(mask, target)
-        )
+    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+        return KF.generalized_jsd(student, teacher, self.beta, self.temperature, mask)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, temperature={self.temperature}"
@@ -157,14 +159,8 @@ class MSELogitsLoss(_TokenLogitLoss):
     ``T^2 * KL`` for zero-mean logits. See :func:`kdkit.functional.mse_logits`.
     """
 
-    def forward(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        mask: Tensor | None = None,
-        target: Tensor | None = None,
-    ) -> Tensor:
-        return KF.mse_logits(student, teacher, self._mask(mask, target))
+    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
+        return KF.mse_logits(student, teacher, mask)
 
 
 class CrossEntropyLoss(nn.Module):

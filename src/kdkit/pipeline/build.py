@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from kdkit.capture import pair_layers
+from kdkit.config import terms_from_config
 from kdkit.distiller import Term
 from kdkit.pipeline.checkpoint import (
     AtomicCheckpointIO,
@@ -91,36 +91,7 @@ def load_teacher(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict]:
 
 def build_terms(cfg: DictConfig) -> dict[str, Term]:
     """``cfg.distill.terms`` -> ``{name: Term}`` (the mapping Distiller(terms=...) takes)."""
-    terms_cfg = cfg.distill.get("terms")
-    if not isinstance(terms_cfg, DictConfig) or not terms_cfg:
-        raise ValueError(
-            f"distill={cfg.distill.get('method')!r} has no terms; a distill config maps term "
-            "names to kdkit.Term configs (see the files in kdkit/configs/distill/)."
-        )
-    terms: dict[str, Term] = {}
-    for name, node in terms_cfg.items():
-        if node is None:
-            continue
-        term = instantiate(node, _convert_="all")
-        if not isinstance(term, Term):
-            raise TypeError(
-                f"distill.terms.{name} built a {type(term).__name__}; each term needs "
-                "_target_: kdkit.Term."
-            )
-        if isinstance(term.student, list) and isinstance(term.teacher, list):
-            if not term.student or not term.teacher:
-                raise ValueError(
-                    f"distill.terms.{name} reads feature layers but student.feature_layers="
-                    f"{term.student} / teacher.feature_layers={term.teacher} is empty; set both "
-                    "lists of module paths (kdkit.list_modules(model) lists them)."
-                )
-            term.student, term.teacher = pair_layers(
-                term.student,
-                term.teacher,
-                exclude_first_and_last=bool(cfg.distill.get("exclude_first_and_last", False)),
-            )
-        terms[str(name)] = term
-    return terms
+    return terms_from_config(cfg.distill)
 
 
 def build_optimizer_factories(cfg: DictConfig) -> tuple[Any, Any]:
