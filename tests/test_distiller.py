@@ -370,3 +370,95 @@ def test_on_an_accelerator_finiteness_is_read_every_n_steps(teacher):
         distiller._check_finite(on_gpu, fine)
     with pytest.raises(ValueError, match=r"check_finite_every must be an int >= 1, got 0"):
         Distiller(mlp(16), teacher, [Term(KLDivLoss())], check_finite_every=0)
+
+
+# ------------------------------------------------------------------ regressions from review
+def test_student_with_hooks_api_attached_can_be_saved_and_copied(digits, teacher):
+    import io
+
+    student = mlp(16, depth=1)
+    distiller = Distiller(
+        student,
+        teacher,
+        [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="linear")],
+        example_input=digits["x_train"][:4],
+    )
+    distiller.on_train_begin()
+    x = digits["x_train"][:8]
+    output = student(x)
+    distiller.on_after_compute_loss(x, output, output.sum() * 0).backward()
+    torch.save(student, io.BytesIO())  # hooks are plain objects, not closures
+    twin = copy.deepcopy(distiller)
+    assert torch.equal(twin.student[0].weight, student[0].weight)
+    distiller.close()
+
+
+def test_raw_logit_loss_with_several_teachers_reads_the_mean_logits(digits, teacher):
+    from kdkit.losses import MSELogitsLoss
+
+    x = digits["x_train"][:8]
+    other = mlp(32).eval()
+    student = mlp(16, depth=1).eval()
+    distiller = Distiller(
+        student, [teacher, other], [Term(MSELogitsLoss())], teacher_weights=[3, 1]
+    ).eval()
+    expected = nn.functional.mse_loss(student(x), 0.75 * teacher(x) + 0.25 * other(x))
+    assert torch.allclose(distiller(x).loss, expected, atol=1e-6)
+
+
+def test_adapters_follow_the_students_dtype(digits):
+    torch.manual_seed(0)
+    student, teacher = mlp(16, depth=1).double(), mlp(32).double().eval()
+    x = digits["x_train"][:8].double()
+    distiller = Distiller(
+        student,
+        teacher,
+        [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="auto")],
+        example_input=x,
+    )
+    assert next(distiller.adapters.parameters()).dtype == torch.float64
+    assert torch.isfinite(distiller(x).loss)
+
+
+def test_identity_adapter_needs_no_example_input(digits, teacher):
+    student = mlp(128, depth=1)
+    distiller = Distiller(
+        student,
+        teacher,
+        [Term(MSEHiddenStatesLoss(), student="2", teacher="2", adapter="identity")],
+    )
+    assert len(distiller.adapters) == 0 and torch.isfinite(distiller(digits["x_train"][:4]).loss)
+
+
+def test_token_logits_average_over_the_attention_mask():
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(4, 6), nn.Linear(4, 6)
+    x = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    distiller = Distiller(student, teacher, [Term(KLDivLoss(2.0))])
+    expected = KLDivLoss(2.0)(student(x), teacher(x), mask=mask)
+    assert torch.allclose(distiller(x, mask=mask).loss, expected)
+    assert not torch.allclose(distiller(x).loss, expected)
+
+
+def test_module_list_of_teachers_is_several_teachers(digits, teacher):
+    other = mlp(32).eval()
+    x = digits["x_train"][:8]
+    student = mlp(16, depth=1).eval()
+    listed = Distiller(student, [teacher, other], [Term(KLDivLoss(2.0))]).eval()
+    module_list = Distiller(student, nn.ModuleList([teacher, other]), [Term(KLDivLoss(2.0))])
+    assert len(module_list.teachers) == 2
+    assert torch.allclose(module_list.eval()(x).loss, listed(x).loss)
+
+
+def test_lightning_validation_accepts_unlabeled_samples(digits, teacher):
+    from kdkit.lightning import DistillationModule
+
+    module = DistillationModule(Distiller(mlp(16), teacher, [Term(KLDivLoss())]), num_classes=10)
+    module.eval()
+    y = digits["y_train"][:8].clone()
+    y[:3] = -1
+    module.validation_step((digits["x_train"][:8], y), 0)
+    preds = module.distiller.student.eval()(digits["x_train"][3:8]).argmax(-1)
+    expected = (preds == y[3:]).float().mean()
+    assert torch.allclose(module.val_acc.compute(), expected)

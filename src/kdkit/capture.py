@@ -257,7 +257,7 @@ class FeatureCapture:
 
         # emptied at the start of each model forward so a path skipped this time leaves no
         # stale tensor from an earlier batch
-        handles.append(model.register_forward_pre_hook(lambda _m, _a: store.clear(), prepend=True))
+        handles.append(model.register_forward_pre_hook(_ClearStore(store), prepend=True))
         for path, module in modules.items():
             handles.append(_register(module, path, selectors[path], capture, store))
         self._finalizer = weakref.finalize(self, _remove_handles, handles)
@@ -290,27 +290,55 @@ class FeatureCapture:
         return f"FeatureCapture(paths={list(self.paths)}, capture={self.capture!r}, {state})"
 
 
+class _ClearStore:
+    """Forward pre-hook on the model: empties the store at the start of each forward."""
+
+    def __init__(self, store: dict[str, Tensor] | None) -> None:
+        self.store = store
+
+    def __call__(self, _module: nn.Module, _args: Any) -> None:
+        if self.store is not None:
+            self.store.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled / deep-copied model takes its hooks along, but inert: the captured tensors
+        # (non-leaf, not copyable) and the capture they fed belong to the original.
+        return {**self.__dict__, "store": None}
+
+
+class _Capture(_ClearStore):
+    """Forward hook (or pre-hook, for inputs) writing the selected tensor into the store.
+
+    A plain class rather than a closure, so a student that carries hooks (the hooks API
+    between ``on_train_begin`` and ``close``) can still be pickled, saved and deep-copied.
+    """
+
+    def __init__(
+        self, store: dict[str, Tensor], path: str, selector: Selector, capture: str
+    ) -> None:
+        super().__init__(store)
+        self.path, self.selector, self.capture = path, selector, capture
+
+    def __call__(self, _module: nn.Module, args: Any, extra: Any) -> None:
+        if self.store is None:
+            return
+        if self.capture == "output":
+            value = extra
+        else:  # HF layers are often called as layer(hidden_states=...), with no positional args
+            value = args if args or not extra else extra
+        try:
+            self.store[self.path] = select_tensor(value, self.selector)
+        except TypeError as err:
+            raise TypeError(f"FeatureCapture at '{self.path}' ({self.capture}): {err}") from err
+
+
 def _register(
     module: nn.Module, path: str, selector: Selector, capture: str, store: dict[str, Tensor]
 ) -> RemovableHandle:
-    def pick(value: Any) -> Tensor:
-        try:
-            return select_tensor(value, selector)
-        except TypeError as err:
-            raise TypeError(f"FeatureCapture at '{path}' ({capture}): {err}") from err
-
+    hook = _Capture(store, path, selector, capture)
     if capture == "output":
-
-        def output_hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            store[path] = pick(output)
-
-        return module.register_forward_hook(output_hook)
-
-    def input_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # HF layers are often called as layer(hidden_states=...), with no positional args
-        store[path] = pick(args if args or not kwargs else kwargs)
-
-    return module.register_forward_pre_hook(input_hook, with_kwargs=True)
+        return module.register_forward_hook(hook)
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ student's output. The same object also offers the hooks API of Intel Neural Comp
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import re
@@ -90,6 +91,14 @@ class _Step(NamedTuple):
     teacher_logits: list[Tensor]
     teacher_features: list[dict[str, Tensor]]
     target: Tensor | None
+    mask: Tensor | None
+
+
+def _takes_keyword(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
 
 
 def _paths(spec: str | Sequence[str] | None) -> list[str]:
@@ -205,6 +214,7 @@ class Distiller(nn.Module):
                 "Distiller needs at least one term, got none; e.g. "
                 "terms=[Term(KLDivLoss(temperature=4.0))]."
             )
+        self._takes_mask = {n: _takes_keyword(t.loss, "mask") for n, t in self.terms.items()}
         self.losses = nn.ModuleDict(
             {n: t.loss for n, t in self.terms.items() if isinstance(t.loss, nn.Module)}
         )
@@ -256,6 +266,8 @@ class Distiller(nn.Module):
     def _split_teacher(teacher: Any) -> tuple[list[nn.Module], Any]:
         if teacher is None:
             return [], None
+        if isinstance(teacher, nn.ModuleList):
+            teacher = list(teacher)
         if isinstance(teacher, nn.Module):
             return [teacher], None
         if hasattr(teacher, "teacher_output"):
@@ -341,17 +353,21 @@ class Distiller(nn.Module):
 
     def _build_adapters(self, example_input: Any) -> nn.ModuleDict:
         adapters = nn.ModuleDict()
-        wanted = {n: t for n, t in self.terms.items() if t.adapter is not None and t.student_paths}
+        # "identity" compares features as they are: no module, nothing to probe.
+        wanted = {
+            n: t
+            for n, t in self.terms.items()
+            if t.adapter not in (None, "identity") and t.student_paths
+        }
         if not wanted:
             return adapters
-        needs_probe = any(t.adapter != "identity" for t in wanted.values())
-        if needs_probe and example_input is None:
-            names = sorted(n for n, t in wanted.items() if t.adapter != "identity")
+        if example_input is None:
+            names = sorted(wanted)
             raise ValueError(
                 f"terms {names} ask for learned adapters, whose sizes are probed with one dry-run "
                 "forward; pass example_input=<one input batch> to Distiller."
             )
-        if needs_probe and not self._teachers:
+        if not self._teachers:
             raise ValueError(
                 "adapters are sized by probing the teacher, but this Distiller has no teacher "
                 "module; build the Distiller with the teacher (or use adapter=None)."
@@ -372,7 +388,8 @@ class Distiller(nn.Module):
                     student_name=f"student.{sp}",
                     teacher_name=f"teacher.{tp}",
                 )
-        return adapters
+        like = next(self.student.parameters(), None)
+        return adapters if like is None else adapters.to(like.device, like.dtype)
 
     # ----------------------------------------------------------------------------- module API
     @property
@@ -405,6 +422,7 @@ class Distiller(nn.Module):
         teacher_output: Any = None,
         index: Tensor | None = None,
         epoch: int | None = None,
+        mask: Tensor | None = None,
     ) -> DistillerOutput:
         """Run the student and the teacher(s) on ``inputs`` and compute the weighted loss.
 
@@ -415,6 +433,8 @@ class Distiller(nn.Module):
                 output, or ``{"logits": ..., "features": {path: tensor}}``); skips the teacher.
             index: sample indices, to read a teacher-output cache.
             epoch: which cached view to read (defaults to the epoch counted by on_epoch_end).
+            mask: for token logits ``[B, L, C]``, which tokens count (bool ``[B, L]``, e.g. the
+                attention mask); handed to every logit term whose loss takes ``mask``.
         """
         if self.channels_last:
             inputs = _to_channels_last(inputs)
@@ -429,7 +449,7 @@ class Distiller(nn.Module):
         else:
             student_output = call_model(self._student_fn, inputs)
             features = {}
-        return self._compute(student_output, features, target, teacher)
+        return self._compute(student_output, features, target, teacher, mask)
 
     # ------------------------------------------------------------------------ hooks API (INC)
     def on_train_begin(self) -> None:
@@ -450,6 +470,7 @@ class Distiller(nn.Module):
         *,
         target: Tensor | None = None,
         index: Tensor | None = None,
+        mask: Tensor | None = None,
     ) -> Tensor:
         """Call after your own loss: returns ``student_loss + Σ weight_i · term_i``.
 
@@ -463,7 +484,7 @@ class Distiller(nn.Module):
             )
         features = self._persistent_capture.features if self._persistent_capture else {}
         teacher = self._teacher(inputs, teacher_output, index, None)
-        out = self._compute(student_output, features, target, teacher)
+        out = self._compute(student_output, features, target, teacher, mask)
         self.last_terms = out.terms
         return student_loss + out.loss
 
@@ -476,6 +497,12 @@ class Distiller(nn.Module):
         if self._persistent_capture is not None:
             self._persistent_capture.close()
             self._persistent_capture = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or pickle does not take the hooks API's capture along (its hooks arrive inert);
+        # call on_train_begin() on the copy to train with it.
+        state = super().__getstate__()
+        return {**state, "_persistent_capture": None}
 
     def __enter__(self) -> Distiller:
         return self
@@ -545,17 +572,21 @@ class Distiller(nn.Module):
         outputs, features = self._run_teachers(inputs)
         return [select_tensor(o, self.teacher_logits_selector) for o in outputs], features
 
-    def _ensemble(self, teacher_logits: list[Tensor], temperature: float) -> Tensor:
+    def _ensemble(self, teacher_logits: list[Tensor], temperature: float | None) -> Tensor:
+        """One teacher's logits from several: for soft losses (a temperature T) the logits whose
+        softmax at T is the weighted mean of the teachers' softened probabilities; for losses
+        on raw logits (no temperature, e.g. MSE) the weighted mean of the logits."""
         if len(teacher_logits) == 1:
             return teacher_logits[0]
         n = len(teacher_logits)
-        w = self._teacher_weights
-        log_w = (torch.full((n,), -math.log(n)) if w is None else torch.log(w)).to(
-            teacher_logits[0].device, teacher_logits[0].dtype
-        )
-        log_p = torch.stack([torch.log_softmax(t / temperature, dim=-1) for t in teacher_logits])
-        log_w = log_w.view(n, *([1] * (log_p.dim() - 1)))
-        return temperature * torch.logsumexp(log_w + log_p, dim=0)
+        # float32: bf16 teacher logits (autocast) would lose the small probabilities here.
+        stacked = torch.stack([t.float() for t in teacher_logits])
+        w = self._teacher_weights if self._teacher_weights is not None else torch.full((n,), 1 / n)
+        w = w.to(stacked.device).view(n, *([1] * (stacked.dim() - 1)))
+        if temperature is None:
+            return (w * stacked).sum(0)
+        log_p = torch.log_softmax(stacked / temperature, dim=-1)
+        return temperature * torch.logsumexp(w.log() + log_p, dim=0)
 
     def _teacher(
         self, inputs: Any, teacher_output: Any, index: Tensor | None, epoch: int | None
@@ -570,6 +601,7 @@ class Distiller(nn.Module):
         student_features: Mapping[str, Tensor],
         target: Tensor | None,
         teacher: tuple[list[Tensor], list[dict[str, Tensor]]],
+        mask: Tensor | None,
     ) -> DistillerOutput:
         logits = select_tensor(student_output, self.logits_selector)
         t_logits, t_features = teacher
@@ -580,7 +612,7 @@ class Distiller(nn.Module):
                     f"but the student predicts {logits.shape[-1]} (logits shape "
                     f"{tuple(logits.shape)}); give both models the same number of classes."
                 )
-        step = _Step(logits, student_features, t_logits, t_features, target)
+        step = _Step(logits, student_features, t_logits, t_features, target, mask)
         values: dict[str, Tensor] = {}
         weighted = []
         with shared_log_softmax():
@@ -631,6 +663,8 @@ class Distiller(nn.Module):
                 args.append(step.target)
             else:
                 kwargs["target"] = step.target
+        if step.mask is not None and term.student == LOGITS and self._takes_mask[name]:
+            kwargs["mask"] = step.mask
         try:
             value = term.loss(*args, **kwargs)
         except ValueError as e:
@@ -641,7 +675,7 @@ class Distiller(nn.Module):
         if term.student == LOGITS:
             if term.teacher is None:
                 return [step.logits]
-            temperature = float(getattr(term.loss, "temperature", 1.0))
+            temperature = getattr(term.loss, "temperature", None)
             return [step.logits, self._ensemble(step.teacher_logits, temperature)]
         s_vals, t_vals = [], []
         features = step.teacher_features

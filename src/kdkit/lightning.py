@@ -54,8 +54,8 @@ class _ClassificationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.mixup_alpha = mixup_alpha
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNLABELED)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=UNLABELED)
 
     @property
     def model(self) -> nn.Module:
@@ -80,15 +80,16 @@ class _ClassificationModule(L.LightningModule):
             return mixup(x, y, self.mixup_alpha, self.num_classes)
         return x, y
 
-    def _eval_step(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> None:
+    def _eval_step(self, batch: Any, metric: MulticlassAccuracy, stage: str) -> Tensor:
         x, y, _ = unpack_batch(batch)
         logits = self(x)
         metric.update(logits, y)
-        self.log(f"{stage}/loss", nn.functional.cross_entropy(logits, y), prog_bar=False)
+        self.log(f"{stage}/loss", cross_entropy(logits, y), prog_bar=False)
         self.log(f"{stage}/acc", metric, prog_bar=True)
+        return logits
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._eval_step(batch, self.val_acc, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.test_acc, "test")
@@ -157,10 +158,11 @@ class DistillationModule(_ClassificationModule):
         self.log_dict({f"train/{k}": v for k, v in out.terms.items()})
         return out.loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        super().validation_step(batch, batch_idx)
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        logits = super().validation_step(batch, batch_idx)
         if self.distiller.teachers:
             x, _, _ = unpack_batch(batch)
             t_pred = self.distiller.teacher_logits(x).argmax(-1)
-            self.val_agreement.update(self(x), t_pred)
+            self.val_agreement.update(logits, t_pred)
             self.log("val/agreement", self.val_agreement)
+        return logits
