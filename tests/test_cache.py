@@ -238,7 +238,7 @@ def test_refuses_wrong_teacher_data_transform(tmp_path, data):
     assert "TeacherCache.build" in str(err.value) and "dataset differs" not in str(err.value)
 
     x, y = make_data()
-    x[N // 2, 0] += 1.0  # the middle sample changed
+    x[N - 1, 0] += 1.0  # the last sample changed
     with pytest.raises(ValueError, match="dataset differs") as err:
         TeacherCache.open(path, teacher=teacher, dataset=Indexed(x, y), transform_id="flip+crop")
     assert "teacher" not in str(err.value).split("does not match:")[1].split(";")[0]
@@ -294,7 +294,7 @@ def test_dataset_without_indices_gets_wrapping_hint(tmp_path):
         TeacherCache.build(TinyNet(), TensorDataset(x, y), tmp_path / "c")
     # three items, but the third is not the sample index
     bad = TensorDataset(x, y, torch.zeros(N, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"dataset\[18\] returned index 0.*IndexedDataset"):
+    with pytest.raises(ValueError, match=r"dataset\[\d+\] returned index 0.*IndexedDataset"):
         TeacherCache.build(TinyNet(), bad, tmp_path / "c")
 
 
@@ -443,3 +443,29 @@ def test_token_logits_topk(tmp_path):
         p_t = teacher(ids[[2, 30]]).softmax(-1)
     top_p, top_i = p_t.topk(5, -1)
     torch.testing.assert_close(z.softmax(-1).gather(-1, top_i), top_p, rtol=2e-3, atol=1e-5)
+
+
+def test_meta_json_of_the_wrong_shape_is_reported_as_corrupted(tmp_path, data):
+    path = tmp_path / "c"
+    TeacherCache.build(TinyNet(), data, path, batch_size=BS)
+    (path / "meta.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"meta.json is corrupted \(not a kdkit cache"):
+        TeacherCache.open(path)
+
+
+def test_rebuilding_with_other_settings_warns_before_replacing(tmp_path, data):
+    path = tmp_path / "c"
+    teacher = TinyNet()
+    TeacherCache.build(teacher, data, path, batch_size=BS, top_k=2)
+    with pytest.warns(UserWarning, match=r"replacing the cache"):
+        cache = TeacherCache.build(teacher, data, path, batch_size=BS)
+    assert cache.top_k is None
+
+
+def test_augmented_reads_are_named_as_the_likely_cause(tmp_path, data):
+    path = tmp_path / "c"
+    TeacherCache.build(TinyNet(), data, path, batch_size=BS, transform_id="t")
+    x, y = make_data()
+    x[0, 0] += 1.0
+    with pytest.raises(ValueError, match=r"same class and length.*data.augment=false"):
+        TeacherCache.open(path, dataset=Indexed(x, y), transform_id="t")

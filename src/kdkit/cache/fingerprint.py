@@ -64,8 +64,14 @@ def fingerprint_teacher(teacher: nn.Module) -> str:
     return h.hexdigest()
 
 
+_PROBES = 16
+
+
 def _probe_indices(n: int) -> list[int]:
-    return sorted({0, n // 2, n - 1}) if n > 0 else []
+    """16 evenly spaced indices, first and last included (all of them for small sets)."""
+    if n <= _PROBES:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (_PROBES - 1)) for i in range(_PROBES)})
 
 
 def _sample_hash(item: Any) -> str:
@@ -75,7 +81,9 @@ def _sample_hash(item: Any) -> str:
 
 
 def fingerprint_dataset(dataset: Dataset) -> str:
-    """sha256 of class name, length and the first/middle/last samples' ``(x, y)``.
+    """sha256 of class name, length and 16 evenly spaced samples' ``(x, y)`` (all if fewer).
+
+    A probe, not a full hash: reading the whole data set on every open would cost a data pass.
 
     A :class:`SeededViews` is read at view 0, so its (random) augmentation is replayed exactly.
     """

@@ -39,6 +39,7 @@ __all__ = ["FORMAT_VERSION", "TeacherCache"]
 FORMAT_VERSION = 1
 _META = "meta.json"
 _PARTIAL_META = "meta.json.partial"
+_META_KEYS = ("format_version", "arrays", "fingerprint", "num_samples", "num_views", "logits_shape")
 _REBUILD_HINT = "rebuild it with `kdkit.cache.TeacherCache.build(...)` or `kdkit cache`"
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 
@@ -235,6 +236,14 @@ class TeacherCache:
             raise ValueError(
                 f"TeacherCache: {meta_path} is corrupted ({exc}); {_REBUILD_HINT}"
             ) from exc
+        missing = (
+            [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
+        )
+        if missing or not isinstance(meta.get("arrays"), dict):
+            raise ValueError(
+                f"TeacherCache: {meta_path} is corrupted (not a kdkit cache description; missing "
+                f"{missing or ['arrays']}); {_REBUILD_HINT}"
+            )
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"TeacherCache: {meta_path} has format_version {meta.get('format_version')!r}, "
@@ -287,11 +296,16 @@ class TeacherCache:
         if dataset is not None:
             n = len(dataset)  # type: ignore[arg-type]
             if fingerprint_dataset(dataset) != stored["dataset"]:
-                problems.append(
-                    f"dataset differs (now {_dataset_name(dataset)} with {n} samples; the cache "
-                    f"was built from {self.meta.get('dataset_name', '?')} with {len(self)} "
-                    "samples, and class, length or the first/middle/last samples do not match)"
-                )
+                name, built_from = _dataset_name(dataset), self.meta.get("dataset_name", "?")
+                if name == built_from and n == len(self):
+                    why = (
+                        "same class and length, but the sampled items differ: other data, or "
+                        "random augmentation giving another view on each read (turn it off, "
+                        "e.g. data.augment=false, or replay views with kdkit.cache.SeededViews)"
+                    )
+                else:
+                    why = f"now {name} with {n} samples, built from {built_from} with {len(self)}"
+                problems.append(f"dataset differs ({why})")
         if problems:
             raise ValueError(
                 f"TeacherCache at {self.path} does not match: "
@@ -389,6 +403,13 @@ class TeacherCache:
                     return cls.open(path, verify=True)
             except (ValueError, OSError):
                 pass  # unreadable or corrupted: rebuild it below
+            else:
+                warnings.warn(
+                    f"TeacherCache.build: replacing the cache at {path}, which was built with a "
+                    "different teacher, dataset, transform or settings (it stays readable until "
+                    "the new one is complete)",
+                    stacklevel=2,
+                )
 
         tmp = path.parent / f".{path.name}.partial"
         partial = tmp / _PARTIAL_META
