@@ -171,3 +171,12 @@ def test_groups_compose(group: str) -> None:
         assert cfg.logger.mlflow.tracking_uri == "file:/tmp/unused/mlruns"
     if group == "logger=wandb":
         assert cfg.logger.wandb.mode == "offline"
+
+
+def test_experiment_name_follows_the_data() -> None:
+    # `kdkit run data=synthetic` writes runs/synthetic/..., titled synthetic, not digits
+    assert _compose(["data=synthetic"]).experiment_name == "synthetic"
+    assert _compose([]).experiment_name == "digits"
+    assert _compose(["experiment=cifar10_resnet50_resnet18"]).experiment_name == (
+        "cifar10_resnet50_resnet18"
+    )

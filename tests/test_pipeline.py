@@ -84,16 +84,34 @@ def test_eval_reproduces_the_run_accuracy(run_dir: Path, tmp_path: Path) -> None
 
 
 def test_report_rebuilds_from_the_run_folder(run_dir: Path, tmp_path: Path) -> None:
-    before = json.loads((run_dir / "report.json").read_text())["models"]
-    (run_dir / "report.json").unlink()
+    stored = json.loads((run_dir / "report.json").read_text())
+    before = stored["models"]
+    assert stored["title"] == "kdkit report: digits (small_cnn -> mlp, kd)"
     kdkit("report", f"run_dirs=[{run_dir}]", f"hydra.run.dir={tmp_path}")
-    after = json.loads((run_dir / "report.json").read_text())["models"]
-    assert [m["accuracy"] for m in after] == [m["accuracy"] for m in before]
+    assert json.loads((run_dir / "report.json").read_text())["title"] == stored["title"]
+    (run_dir / "report.json").unlink()
+    (run_dir / "report.md").unlink()
+    kdkit("report", f"run_dirs=[{run_dir}]", f"hydra.run.dir={tmp_path}")
+    after = json.loads((run_dir / "report.json").read_text())
+    assert [m["accuracy"] for m in after["models"]] == [m["accuracy"] for m in before]
+    assert after["title"] == stored["title"]  # rebuilt from config.yaml, not the folder path
 
 
-def test_export_onnx_matches_torch(run_dir: Path, tmp_path: Path) -> None:
+def test_export_onnx_matches_torch(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog
+) -> None:
     ort = pytest.importorskip("onnxruntime")
-    kdkit("export", f"checkpoint={run_dir / 'distilled/model.pt'}", f"hydra.run.dir={tmp_path}")
+    with pytest.warns() as record:
+        import warnings
+
+        warnings.warn("sentinel", UserWarning, stacklevel=1)  # pytest.warns needs one
+        kdkit("export", f"checkpoint={run_dir / 'distilled/model.pt'}", f"hydra.run.dir={tmp_path}")
+    assert not [w for w in record if "Tracer" in type(w.message).__name__]
+    assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))]
+    out = capsys.readouterr().out
+    assert "ONNX checked in onnxruntime: max |diff| = " in out and "(atol 0.0001)" in out
+    assert f"onnx written: {tmp_path / 'model.onnx'}" in out
+    assert f"torchscript written: {tmp_path / 'model.ts'}" in out
     assert (tmp_path / "model.ts").is_file()
     model = load_model(run_dir / "distilled/model.pt")
     x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -249,3 +267,142 @@ def test_unlabeled_transfer_set_and_mixup_train(run_dir: Path, tmp_path: Path) -
     )
     metrics = json.loads((out / "distilled/metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def _err(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        kdkit(*argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out + captured.err
+
+
+def test_ckpt_path_last_resumes_only_a_matching_run(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    teacher = f"teacher.checkpoint={run_dir / 'teacher/model.pt'}"
+    quick = [*TINY, "evaluate.latency=false"]
+    kdkit("distill", teacher, *quick, "hydra.run.dir=runs/digits/a")
+    kd_ckpt = Path("runs/digits/a/distilled/checkpoints/last.ckpt")
+    assert kd_ckpt.is_file()
+    capsys.readouterr()
+
+    # another method: the kd checkpoint is named and refused, with the way out
+    code, out = _err(
+        capsys,
+        "distill",
+        teacher,
+        "distill=dkd",
+        *quick,
+        "hydra.run.dir=runs/digits/b",
+        "ckpt_path=last",
+    )
+    assert code == 2
+    assert str(kd_ckpt) in out and "trained with distill=kd, this run uses distill=dkd" in out
+    assert "ckpt_path=<path to a .ckpt file>" in out
+    assert not Path("runs/digits/b/distilled/model.pt").exists()
+
+    # another student, explicit path: a clear message instead of load_state_dict's RuntimeError
+    code, out = _err(
+        capsys,
+        "distill",
+        teacher,
+        "student=mlp_tiny",
+        *quick,
+        "hydra.run.dir=runs/digits/c",
+        f"ckpt_path={kd_ckpt}",
+    )
+    assert code == 2 and "cannot resume stage 'distilled'" in out and "holds model mlp(" in out
+    assert "RuntimeError" not in out
+
+    # the same method and model: resumed, and said so
+    kdkit("distill", teacher, *quick, "hydra.run.dir=runs/digits/d", "ckpt_path=last")
+    out = capsys.readouterr().out
+    assert f"resuming from {kd_ckpt} (epoch 1; already complete, reusing it)" in out
+
+
+def test_ctrl_c_prints_the_resume_command_and_writes_nothing_half(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import signal
+
+    from kdkit.lightning import DistillationModule
+
+    original = DistillationModule.training_step
+    calls = {"n": 0}
+
+    def ctrl_c(self, batch, batch_idx):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 5:  # second epoch: the first one is checkpointed
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillationModule, "training_step", ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    teacher = f"teacher.checkpoint={run_dir / 'teacher/model.pt'}"
+    budget = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "progress_bar=none"]
+    code, out = _err(capsys, "distill", teacher, *budget, f"hydra.run.dir={tmp_path}")
+    assert code == 130
+    assert "interrupted; resume with: kdkit distill " in out
+    assert teacher in out and f"hydra.run.dir={tmp_path} ckpt_path=last" in out
+    assert signal.getsignal(signal.SIGINT) is handler  # Lightning's SIG_IGN is undone
+    assert not (tmp_path / "distilled/model.pt").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert (tmp_path / "distilled/checkpoints/last.ckpt").is_file()
+
+
+def test_feature_method_with_mlp_student_fails_before_training(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    code, out = _err(capsys, "run", "distill=mse_hidden", *TINY, f"hydra.run.dir={tmp_path}")
+    assert code == 2
+    assert "distill=mse_hidden cannot run with student=mlp and teacher=small_cnn" in out
+    assert out.rstrip().endswith(
+        "use a student whose feature layers are feature maps (student=small_cnn) or set "
+        "student.feature_layers / teacher.feature_layers to layers of matching rank."
+    )
+    assert not (tmp_path / "teacher").exists()  # nothing trained
+    teacher = f"teacher.checkpoint={run_dir / 'teacher/model.pt'}"
+    code, out = _err(capsys, "distill", teacher, "distill=fitnet", f"hydra.run.dir={tmp_path}")
+    assert code == 2 and "student=small_cnn" in out
+    assert not (tmp_path / "distilled").exists()
+
+
+def test_feature_method_with_a_logits_cache_names_the_fix(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    cache_dir = tmp_path / "cache"
+    kdkit(
+        "cache",
+        f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+        f"cache.path={cache_dir}",
+        f"hydra.run.dir={tmp_path / 'c'}",
+        "data.augment=false",
+    )
+    code, out = _err(
+        capsys,
+        "distill",
+        "distill=fitnet",
+        "student=small_cnn",
+        f"distill.teacher_cache={cache_dir}",
+        "data.augment=false",
+        f"hydra.run.dir={tmp_path / 'd'}",
+    )
+    assert code == 2
+    assert "distill=fitnet reads teacher features ['block1', 'block2', 'block3']" in out
+    assert f"the cache at {cache_dir} stores logits only — pass teacher.checkpoint=" in out
+    assert "has no teacher module" not in out
+
+
+def test_teacher_name_comes_from_the_checkpoint(run_dir: Path, tmp_path: Path, capsys) -> None:
+    kdkit(
+        "distill",
+        f"teacher.checkpoint={run_dir / 'scratch/model.pt'}",  # an mlp, not small_cnn
+        *TINY,
+        "evaluate.latency=false",
+        f"hydra.run.dir={tmp_path}",
+    )
+    captured = capsys.readouterr()
+    assert "holds a 'mlp' model, not teacher.name='small_cnn'" in captured.err
+    assert "(mlp -> mlp, kd)" in captured.out
+    assert "small_cnn -> mlp" not in captured.out

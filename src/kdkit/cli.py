@@ -43,7 +43,7 @@ def usage() -> str:
         "trainer, logger, experiment) and every option. Overrides are Hydra's: key=value,",
         "group=option, +new_key=value; -m sweeps comma-separated values.",
         "",
-        "example: kdkit run                      (digits, under 3 minutes on 2 CPU cores)",
+        "example: kdkit run                      (digits, about 20 s on 2 CPU cores)",
     ]
     return "\n".join(lines)
 
@@ -54,7 +54,14 @@ def _task(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
 
     try:
         dispatch(cfg)
-    except (ValueError, FileNotFoundError, StageInterrupted) as exc:
+    except StageInterrupted as exc:
+        # Ctrl-C: the message is the resume command; 130 is the shell's code for SIGINT.
+        print(f"kdkit {cfg.command}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from exc
+    except KeyboardInterrupt as exc:  # outside a fit (data loading, evaluation): no checkpoint
+        print(f"kdkit {cfg.command}: interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from exc
+    except (ValueError, FileNotFoundError) as exc:
         # Our errors name the value and the fix; a traceback would bury that.
         print(f"kdkit {cfg.command}: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from exc

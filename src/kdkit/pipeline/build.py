@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import glob
+import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,14 @@ def load_teacher(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict]:
             f"{cfg.data.name!r} has {num_classes}; use a teacher trained on this dataset "
             "(`kdkit train model=teacher data=...`) or pick the matching data=."
         )
+    if str(spec["name"]) != str(cfg.teacher.name):
+        print(
+            f"warning: teacher.checkpoint={path} holds a {spec['name']!r} model, not "
+            f"teacher.name={cfg.teacher.name!r}; using the checkpoint's {spec['name']!r} (set "
+            f"teacher={spec['name']} or teacher.name / teacher.feature_layers to match it).",
+            file=sys.stderr,
+            flush=True,
+        )
     model = build_from_spec(spec)
     model.load_state_dict(data["state_dict"])
     model.kdkit_spec = spec  # type: ignore[assignment]
@@ -134,11 +144,12 @@ def build_trainer(
     *,
     max_epochs: int | None = None,
     checkpoints: bool = True,
+    info: Mapping[str, Any] | None = None,
 ) -> L.Trainer:
     """The stage's Trainer: atomic checkpoints, spec in every checkpoint, the run's loggers."""
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 
-    callbacks: list[Any] = [ModelSpecCallback(spec)]
+    callbacks: list[Any] = [ModelSpecCallback(spec, info)]
     if checkpoints:
         callbacks.append(
             # Lightning writes last.ckpt only in an epoch that also saved a top-k file.
@@ -178,30 +189,186 @@ def build_trainer(
     )
 
 
-def resolve_ckpt_path(cfg: DictConfig, stage: str) -> str | None:
-    """``ckpt_path``: None, a file, or ``last`` (newest last.ckpt of this stage, experiment)."""
+def run_info(cfg: DictConfig, stage: str) -> dict[str, Any]:
+    """What a stage's checkpoint must share with this run to be resumed by it.
+
+    Stored in every checkpoint (``checkpoint["kdkit_run"]``); the distilled stage adds the
+    method and its resolved terms, because a kd checkpoint resumed as dkd would silently be
+    reported as dkd.
+    """
+    info: dict[str, Any] = {"stage": stage}
+    if stage == "distilled":
+        info["method"] = str(cfg.distill.get("method"))
+        info["terms"] = _normal(to_container(cfg.distill.get("terms") or {}))
+    return info
+
+
+def _normal(value: Any) -> Any:
+    # Compare configs as JSON: tuples/lists and key order do not matter.
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _spec_key(spec: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("name", "kwargs", "num_classes", "input_shape")
+    return _normal({k: spec.get(k) for k in keys})
+
+
+def _describe(spec: Mapping[str, Any]) -> str:
+    kwargs = spec.get("kwargs") or {}
+    return f"{spec.get('name')}({', '.join(f'{k}={v}' for k, v in kwargs.items())})"
+
+
+def _saved_run_info(path: Path, stage: str) -> dict[str, Any] | None:
+    """Run info of a checkpoint written before it was stored: its run folder's config.yaml."""
+    config = path.parent.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        saved = OmegaConf.load(config)
+        assert isinstance(saved, DictConfig)
+        return run_info(saved, stage)
+    except Exception:
+        return None
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError("it cannot be read (truncated or not a torch file)") from exc
+    if not isinstance(data, Mapping) or "kdkit_model" not in data:
+        raise ValueError("it is not a kdkit checkpoint (no model spec stored in it)")
+    return dict(data)
+
+
+def checkpoint_mismatch(
+    path: Path, cfg: DictConfig, stage: str, spec: Mapping[str, Any]
+) -> tuple[str | None, int | None]:
+    """(why ``path`` cannot resume this stage, or None; its completed epochs)."""
+    try:
+        data = _read_checkpoint(path)
+    except ValueError as exc:
+        return str(exc), None
+    epochs = int(data.get("epoch", -1)) + 1
+    theirs = data["kdkit_model"]
+    if _spec_key(theirs) != _spec_key(spec):
+        return (
+            f"it holds model {_describe(theirs)} with {theirs.get('num_classes')} classes and "
+            f"input {theirs.get('input_shape')}, this run builds {_describe(spec)} with "
+            f"{spec.get('num_classes')} classes and input {spec.get('input_shape')}",
+            epochs,
+        )
+    info = data.get("kdkit_run") or _saved_run_info(path, stage)
+    mine = run_info(cfg, stage)
+    if info is None:
+        if stage == "distilled":
+            return "neither it nor its run folder says which distill method trained it", epochs
+        return None, epochs
+    if info.get("stage", stage) != stage:
+        return f"it is a {info.get('stage')!r} checkpoint, not {stage!r}", epochs
+    if stage == "distilled":
+        if info.get("method") != mine["method"]:
+            return (
+                f"it was trained with distill={info.get('method')}, this run uses "
+                f"distill={mine['method']}",
+                epochs,
+            )
+        if _normal(info.get("terms")) != mine["terms"]:
+            return (
+                f"its distill.terms differ from this run's (same method {mine['method']}, other "
+                "weights, layers or losses)",
+                epochs,
+            )
+    return None, epochs
+
+
+def _announce(path: Path, epochs: int | None, cfg: DictConfig, stage: str) -> None:
+    total = cfg.trainer.get("max_epochs")
+    if stage == "teacher" and cfg.teacher.get("max_epochs"):
+        total = cfg.teacher.max_epochs
+    done = "; already complete, reusing it" if total and epochs and epochs >= int(total) else ""
+    print(f"resuming from {path} (epoch {epochs}{done})", flush=True)
+
+
+def resolve_ckpt_path(
+    cfg: DictConfig,
+    stage: str,
+    spec: Mapping[str, Any],
+    *,
+    required: bool = True,
+    prefer: Path | None = None,
+) -> str | None:
+    """``ckpt_path``: None, a file, or ``last``.
+
+    ``last`` takes the newest ``<stage>/checkpoints/last.ckpt`` of this run dir, of ``prefer``
+    (a run dir), or of ``runs/<experiment>/*/`` whose model spec (and, for the distilled stage,
+    method and terms) match this run; others are skipped, and if none matches the ValueError
+    lists each one and why. With ``required=False`` (``kdkit run``: a stage that never started)
+    no match means None.
+    """
     value = cfg.get("ckpt_path")
     if value in (None, ""):
         return None
     if str(value) != "last":
-        if not Path(str(value)).is_file():
+        path = Path(str(value))
+        if not path.is_file():
             raise FileNotFoundError(
                 f"ckpt_path={value!r} does not exist; pass a .ckpt file or ckpt_path=last to "
-                "resume the newest run of this experiment."
+                "resume the newest matching run of this experiment."
             )
-        return str(value)
-    here = output_dir(cfg) / stage / "checkpoints" / "last.ckpt"
-    if here.is_file():
-        return str(here)
-    root = Path("runs")
-    pattern = os.path.join(root, str(cfg.experiment_name), "*", stage, "checkpoints", "last.ckpt")
-    found = sorted(glob.glob(pattern), key=os.path.getmtime)
-    if not found:
+        why, epochs = checkpoint_mismatch(path, cfg, stage, spec)
+        if why is not None and (why.startswith("it holds model") or epochs is None):
+            raise ValueError(
+                f"ckpt_path={value!r} cannot resume stage {stage!r}: {why}. Pass a checkpoint "
+                "of this model (or change the student=/teacher= options to the ones it was "
+                "trained with)."
+            )
+        if why is not None:
+            print(f"warning: ckpt_path={value}: {why}; resuming it anyway.", flush=True)
+        _announce(path, epochs, cfg, stage)
+        return str(path)
+    tail = Path(stage) / "checkpoints" / "last.ckpt"
+    here = output_dir(cfg) / tail
+    root = Path("runs") / str(cfg.experiment_name)
+    pattern = os.path.join(root, "*", str(tail))
+    found = sorted(glob.glob(pattern), key=os.path.getmtime, reverse=True)
+    candidates: list[Path] = [here] if here.is_file() else []
+    if prefer is not None and (prefer / tail).is_file():
+        candidates.append(prefer / tail)
+    for f in found:
+        if Path(f).resolve() not in {c.resolve() for c in candidates}:
+            candidates.append(Path(f))
+    rejected = []
+    for path in candidates:
+        why, epochs = checkpoint_mismatch(path, cfg, stage, spec)
+        if why is None:
+            _announce(path, epochs, cfg, stage)
+            return str(path)
+        rejected.append(f"  {path}: {why}")
+    if not required:
+        if rejected:
+            print(
+                f"ckpt_path=last: no matching checkpoint for stage {stage!r}, training it "
+                "from the start; skipped:\n" + "\n".join(rejected),
+                flush=True,
+            )
+        return None
+    if not rejected:
         raise FileNotFoundError(
-            f"ckpt_path=last: no {stage}/checkpoints/last.ckpt in this run dir nor under "
-            f"{root}/{cfg.experiment_name}/*/; nothing to resume. Drop ckpt_path or pass a path."
+            f"ckpt_path=last: no {tail} in this run dir nor under {root}/*/; nothing to "
+            "resume. Drop ckpt_path, or pass ckpt_path=<path to a .ckpt file>."
         )
-    return found[-1]
+    raise ValueError(
+        f"ckpt_path=last: none of the {len(rejected)} {tail} files found matches this run "
+        f"(stage {stage!r}, model {_describe(spec)}"
+        + (f", distill={cfg.distill.get('method')}" if stage == "distilled" else "")
+        + "):\n"
+        + "\n".join(rejected)
+        + "\nDrop ckpt_path to start afresh, or pass ckpt_path=<path to a .ckpt file> "
+        "explicitly."
+    )
 
 
 def to_container(cfg: DictConfig | ListConfig) -> Any:

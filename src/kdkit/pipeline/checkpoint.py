@@ -58,15 +58,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class ModelSpecCallback(L.Callback):
-    """Stores the model spec in every Lightning checkpoint (``checkpoint["kdkit_model"]``)."""
+    """Stores the model spec in every Lightning checkpoint (``checkpoint["kdkit_model"]``).
 
-    def __init__(self, spec: Mapping[str, Any]) -> None:
+    ``info`` (stage, distill method and terms) goes to ``checkpoint["kdkit_run"]``, so that
+    ``ckpt_path=last`` resumes only checkpoints of the same kind of run.
+    """
+
+    def __init__(self, spec: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> None:
         self.spec = dict(spec)
+        self.info = dict(info or {})
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint["kdkit_model"] = dict(self.spec)
+        if self.info:
+            checkpoint["kdkit_run"] = dict(self.info)
 
 
 def model_spec(
@@ -150,11 +157,14 @@ def load_model_file(path: str | os.PathLike[str], *, what: str = "model file") -
     try:
         # Our own files hold only tensors and plain containers: weights_only is enough.
         data = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except Exception:
+        # torch's own text advises weights_only=False, which is unsafe for a file of unknown
+        # origin: keep it out of the message (and out of the traceback chain).
         raise ValueError(
-            f"{what} {str(p)!r} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); it is "
-            "truncated or not a torch file. Re-create it with `kdkit train`."
-        ) from exc
+            f"{what} {str(p)!r} cannot be read: it is truncated or not a kdkit/torch model file; "
+            "pass the model.pt (or checkpoints/last.ckpt) that `kdkit train` / `kdkit run` "
+            "wrote, or re-create it with `kdkit train`."
+        ) from None
     if isinstance(data, Mapping) and data.get("format") == FORMAT:
         return dict(data)
     if isinstance(data, Mapping) and "kdkit_model" in data and "state_dict" in data:

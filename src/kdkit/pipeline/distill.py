@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -17,9 +19,10 @@ from kdkit.pipeline.build import (
     build_trainer,
     output_dir,
     resolve_ckpt_path,
+    run_info,
 )
 from kdkit.pipeline.checkpoint import save_model
-from kdkit.pipeline.train import check_finished
+from kdkit.pipeline.train import fit_stage
 
 PROBE_BATCH = 8
 
@@ -37,6 +40,78 @@ def _teacher_source(cfg: DictConfig, teacher: nn.Module | None, datamodule: Any)
 
     # Opening checks the cache against this teacher and training split (fingerprints).
     return TeacherCache.open(path, teacher=teacher, dataset=datamodule.prepare().train)
+
+
+FEATURE_HINT = (
+    "use a student whose feature layers are feature maps (student=small_cnn) or set "
+    "student.feature_layers / teacher.feature_layers to layers of matching rank"
+)
+
+
+def _feature_terms(terms: dict) -> dict:
+    return {n: t for n, t in terms.items() if t.student_paths or t.teacher_paths}
+
+
+def check_cache_features(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) -> Any:
+    """Open ``distill.teacher_cache`` (None if unset), refusing feature terms it cannot feed."""
+    path = cfg.distill.get("teacher_cache")
+    if not path:
+        return None
+    terms = _feature_terms(build_terms(cfg))
+    cache = _teacher_source(cfg, teacher, datamodule)
+    stored = set(cache.feature_paths)
+    wanted = sorted({p for t in terms.values() for p in t.teacher_paths})
+    method = cfg.distill.get("method")
+    if wanted and not set(wanted) <= stored:
+        what = f"features {sorted(stored)} only" if stored else "logits only"
+        raise ValueError(
+            f"distill={method} reads teacher features {wanted}; the cache at {path} stores "
+            f"{what} — pass teacher.checkpoint=... instead (or build the cache with those "
+            "features)."
+        )
+    if any(t.adapter not in (None, "identity") for t in terms.values()):
+        raise ValueError(
+            f"distill={method} sizes its learned adapters by probing the teacher, which a "
+            f"teacher cache (distill.teacher_cache={path}) cannot do — pass "
+            "teacher.checkpoint=... instead of distill.teacher_cache."
+        )
+    return cache
+
+
+def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) -> None:
+    """Fail before any training if ``cfg.distill`` cannot run with this student and teacher.
+
+    Builds an untrained student and the Distiller (which probes adapter shapes) and runs one
+    loss evaluation on a few validation samples; ``teacher`` may be untrained (only shapes
+    matter). Without a teacher module (a cache only) just the cache is checked.
+    """
+    cache = check_cache_features(cfg, datamodule, teacher)
+    if cache is not None or teacher is None:
+        return
+    terms = build_terms(cfg)
+    rng = torch.random.get_rng_state()
+    try:
+        student, _ = build_model(cfg, "student", datamodule.num_classes, datamodule.input_shape)
+        x, y = next(iter(datamodule.val_dataloader()))[:2]
+        x, y = x[:PROBE_BATCH], y[:PROBE_BATCH]
+        was_training = teacher.training
+        try:
+            teacher.eval()
+            with torch.no_grad():
+                Distiller(student, teacher, terms, example_input=x)(x, target=y)
+        finally:
+            teacher.train(was_training)
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:
+        method = cfg.distill.get("method")
+        msg = (
+            f"distill={method} cannot run with student={cfg.student.name} and "
+            f"teacher={getattr(teacher, 'kdkit_spec', {}).get('name', cfg.teacher.name)}: {exc}"
+        ).rstrip()
+        if _feature_terms(terms):
+            msg = msg.rstrip(".") + f". Fix: {FEATURE_HINT}."
+        raise ValueError(msg) from None
+    finally:
+        torch.random.set_rng_state(rng)
 
 
 def build_distiller(
@@ -59,7 +134,8 @@ def distill_student(
     teacher: nn.Module | None,
     stage: str = "distilled",
     *,
-    resume: bool = False,
+    resume: bool | str = False,
+    prefer: Path | None = None,
 ) -> tuple[nn.Module, dict, L.Trainer]:
     """Distil ``cfg.student`` from ``teacher``; writes ``<run>/<stage>/model.pt``.
 
@@ -79,11 +155,14 @@ def distill_student(
         mixup_alpha=float(cfg.distill.get("mixup_alpha") or 0.0),
     )
     stage_dir = output_dir(cfg) / stage
-    trainer = build_trainer(cfg, stage_dir, stage, spec)
-    ckpt_path = resolve_ckpt_path(cfg, stage) if resume else None
+    trainer = build_trainer(cfg, stage_dir, stage, spec, info=run_info(cfg, "distilled"))
+    ckpt_path = (
+        resolve_ckpt_path(cfg, stage, spec, required=resume != "optional", prefer=prefer)
+        if resume
+        else None
+    )
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    check_finished(trainer, stage)
+    fit_stage(cfg, trainer, module, datamodule, ckpt_path, stage, stage_dir)
     if trainer.is_global_zero:
         save_model(
             stage_dir / "model.pt",

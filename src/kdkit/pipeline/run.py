@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +18,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from kdkit.pipeline.build import (
     build_datamodule,
+    build_model,
     load_teacher,
     output_dir,
     to_container,
 )
 from kdkit.pipeline.checkpoint import load_model, load_model_file
-from kdkit.pipeline.distill import distill_student
+from kdkit.pipeline.distill import check_feasible, distill_student
 from kdkit.pipeline.evaluate import (
     evaluate_model,
     load_entries,
@@ -41,10 +46,30 @@ def save_config(cfg: DictConfig) -> Path:
     return out
 
 
-def _title(cfg: DictConfig) -> str:
-    return f"kdkit report: {cfg.experiment_name} ({cfg.teacher.name} -> {cfg.student.name}, " + (
+def _title(cfg: DictConfig, teacher_name: str | None = None) -> str:
+    teacher_name = teacher_name or str(cfg.teacher.name)
+    return f"kdkit report: {cfg.experiment_name} ({teacher_name} -> {cfg.student.name}, " + (
         f"{cfg.distill.method})"
     )
+
+
+def _run_resume(cfg: DictConfig) -> str | bool:
+    """`kdkit run` resumes each stage from its newest matching checkpoint (ckpt_path=last)."""
+    value = cfg.get("ckpt_path")
+    if value in (None, ""):
+        return False
+    if str(value) != "last":
+        raise ValueError(
+            f"`kdkit run` takes ckpt_path=last only (got ckpt_path={value!r}): each of its stages "
+            "resumes from its own newest matching checkpoint. To resume one stage from a file, "
+            "use `kdkit train model=... ckpt_path=<file>` or `kdkit distill ... ckpt_path=<file>`."
+        )
+    return "optional"
+
+
+def _resumed_run_dir(trainer: Any) -> Path | None:
+    path = getattr(trainer, "ckpt_path", None)
+    return Path(path).parents[2] if path else None
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -54,19 +79,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     save_config(cfg)
     dm = build_datamodule(cfg)
     dm.prepare()
+    resume = _run_resume(cfg)
     if cfg.teacher.get("checkpoint"):
-        teacher, _ = load_teacher(cfg, dm.num_classes)
+        teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
+        check_feasible(cfg, dm, teacher)
     else:
-        teacher, _, _ = train_supervised(cfg, dm, "teacher", "teacher")
-    scratch, _, _ = train_supervised(
-        cfg, dm, "student", "scratch", mixup_alpha=float(cfg.distill.get("mixup_alpha") or 0.0)
+        # Shapes are all the check needs: an untrained teacher, so a bad method fails in seconds.
+        untrained, teacher_spec = build_model(cfg, "teacher", dm.num_classes, dm.input_shape)
+        check_feasible(cfg, dm, untrained)
+        del untrained
+    teacher_name = str(teacher_spec["name"])
+    prefer = None
+    if not cfg.teacher.get("checkpoint"):
+        teacher, _, trainer = train_supervised(cfg, dm, "teacher", "teacher", resume=resume)
+        prefer = _resumed_run_dir(trainer)
+    scratch, _, trainer = train_supervised(
+        cfg,
+        dm,
+        "student",
+        "scratch",
+        mixup_alpha=float(cfg.distill.get("mixup_alpha") or 0.0),
+        resume=resume,
+        prefer=prefer,
     )
-    distilled, _, _ = distill_student(cfg, dm, teacher, "distilled")
+    prefer = prefer or _resumed_run_dir(trainer)
+    distilled, _, _ = distill_student(cfg, dm, teacher, "distilled", resume=resume, prefer=prefer)
     if not _is_rank_zero():
         return {}
     t_logits = teacher_test_logits(teacher, dm)
     entries = [
-        evaluate_model(cfg, teacher, "teacher", cfg.teacher.name, dm, stage_dir=out / "teacher"),
+        evaluate_model(cfg, teacher, "teacher", teacher_name, dm, stage_dir=out / "teacher"),
         evaluate_model(
             cfg,
             scratch,
@@ -86,8 +128,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             stage_dir=out / "distilled",
         ),
     ]
-    build_report(entries, out, title=_title(cfg), config=to_container(cfg))
-    print_report(entries, title=_title(cfg))
+    title = _title(cfg, teacher_name)
+    build_report(entries, out, title=title, config=to_container(cfg))
+    print_report(entries, title=title)
     print(f"report: {out / 'report.md'}  ({time.perf_counter() - start:.1f} s)")
     return {e.role: e.accuracy for e in entries}
 
@@ -99,7 +142,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     dm.prepare()
     role = str(cfg.model)
-    model, _, _ = train_supervised(cfg, dm, role, role, resume=cfg.get("ckpt_path") is not None)
+    model, _, _ = train_supervised(
+        cfg, dm, role, role, resume=cfg.get("ckpt_path") not in (None, "")
+    )
     if not _is_rank_zero():
         return {}
     entry = evaluate_model(
@@ -121,11 +166,13 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     save_config(cfg)
     dm = build_datamodule(cfg)
     dm.prepare()
-    teacher = None
+    teacher, teacher_name = None, None
     if cfg.teacher.get("checkpoint") or not cfg.distill.get("teacher_cache"):
-        teacher, _ = load_teacher(cfg, dm.num_classes)
+        teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
+        teacher_name = str(teacher_spec["name"])
+    check_feasible(cfg, dm, teacher)
     student, _, _ = distill_student(
-        cfg, dm, teacher, "distilled", resume=cfg.get("ckpt_path") is not None
+        cfg, dm, teacher, "distilled", resume=cfg.get("ckpt_path") not in (None, "")
     )
     if not _is_rank_zero():
         return {}
@@ -138,7 +185,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher_logits=teacher_test_logits(teacher, dm),
         stage_dir=out / "distilled",
     )
-    print_report([entry], title=_title(cfg))
+    print_report([entry], title=_title(cfg, teacher_name))
     print(f"model: {out / 'distilled' / 'model.pt'}")
     return {"accuracy": entry.accuracy}
 
@@ -204,12 +251,61 @@ def report(cfg: DictConfig) -> dict[str, Any]:
         config = (
             OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
         )
-        title = f"kdkit report: {run_dir}"
+        title = _stored_title(run_dir, config, entries) or f"kdkit report: {run_dir}"
         build_report(entries, run_dir, title=title, config=config)  # type: ignore[arg-type]
         print_report(entries, title=title)
         print(f"report: {run_dir / 'report.md'}")
         results[str(run_dir)] = {e.role: e.accuracy for e in entries}
     return results
+
+
+def _stored_title(run_dir: Path, config: Any, entries: list[Any]) -> str | None:
+    """The title the run gave its report: report.json, report.md, else rebuilt from config.yaml."""
+    try:
+        title = json.loads((run_dir / "report.json").read_text()).get("title")
+        if title:
+            return str(title)
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        first = (run_dir / "report.md").read_text().splitlines()[0]
+        if first.startswith("# "):
+            return first[2:].strip()
+    except (OSError, IndexError):
+        pass
+    try:
+        saved = OmegaConf.create(config)
+        teacher = next((e.name for e in entries if e.role == "teacher"), None)
+        return _title(saved, teacher)  # type: ignore[arg-type]
+    except Exception:  # a config.yaml of another layout: fall back to the folder name
+        return None
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """Silence the ONNX exporter's INFO chatter and tracer warnings for the CLI user."""
+    names = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._dynamo")
+    saved = {n: logging.getLogger(n).level for n in names}
+    try:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", module=r"(onnxscript|onnx_ir|torch\.onnx).*")
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _onnx_max_diff(model: torch.nn.Module, path: Path, example: torch.Tensor) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})[:1]
+    with torch.no_grad():
+        want = model(example).numpy()
+    return float(abs(got - want).max())
 
 
 def export(cfg: DictConfig) -> dict[str, Any]:
@@ -223,12 +319,16 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     example = torch.rand(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
     atol = float(cfg.export.get("atol", 1e-4))
     written: dict[str, Any] = {}
-    if cfg.export.get("onnx", True):
-        written["onnx"] = str(export_onnx(model, example, out / "model.onnx", atol=atol))
-    if cfg.export.get("torchscript", True):
-        written["torchscript"] = str(export_torchscript(model, example, out / "model.ts"))
+    with _quiet_export():
+        if cfg.export.get("onnx", True):
+            onnx_path = export_onnx(model, example, out / "model.onnx", atol=atol)
+            written["onnx"] = str(onnx_path)
+            diff = _onnx_max_diff(model, onnx_path, example)
+            print(f"ONNX checked in onnxruntime: max |diff| = {diff:.2e} (atol {atol:g})")
+        if cfg.export.get("torchscript", True):
+            written["torchscript"] = str(export_torchscript(model, example, out / "model.ts"))
     for kind, file in written.items():
-        print(f"{kind}: {file}")
+        print(f"{kind} written: {file}")
     return written
 
 
