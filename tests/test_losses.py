@@ -459,3 +459,20 @@ def test_shared_log_softmax_respects_grad_mode():
         with torch.no_grad():
             log_softmax(z, 2.0)
         assert log_softmax(z, 2.0).requires_grad
+
+
+@pytest.mark.parametrize("loss", [L.MSEHiddenStatesLoss(), L.CosineHiddenStatesLoss()])
+def test_hidden_state_losses_average_over_kept_tokens(loss):
+    torch.manual_seed(0)
+    s = torch.randn(2, 4, 6, requires_grad=True)
+    t = torch.randn(2, 4, 6)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    keep = mask.nonzero(as_tuple=True)
+    expected = loss(s[keep].unsqueeze(0), t[keep].unsqueeze(0))  # kept tokens only
+    with torch.no_grad():
+        s[0, 3] = float("nan")  # a dropped token: no effect, no NaN gradient
+    value = loss(s, t, mask=mask)
+    value.backward()
+    assert torch.allclose(value, expected, atol=1e-6) and torch.isfinite(s.grad).all()
+    with pytest.raises(ValueError, match=r"token mask needs token states \[B, L, D\]"):
+        loss(torch.randn(2, 6), torch.randn(2, 6), mask=mask)

@@ -433,8 +433,9 @@ class Distiller(nn.Module):
                 output, or ``{"logits": ..., "features": {path: tensor}}``); skips the teacher.
             index: sample indices, to read a teacher-output cache.
             epoch: which cached view to read (defaults to the epoch counted by on_epoch_end).
-            mask: for token logits ``[B, L, C]``, which tokens count (bool ``[B, L]``, e.g. the
-                attention mask); handed to every logit term whose loss takes ``mask``.
+            mask: for token logits ``[B, L, C]`` and token states ``[B, L, D]``, which tokens
+                count (bool ``[B, L]``, e.g. the attention mask); handed to every term whose
+                loss takes ``mask``.
         """
         if self.channels_last:
             inputs = _to_channels_last(inputs)
@@ -663,7 +664,7 @@ class Distiller(nn.Module):
                 args.append(step.target)
             else:
                 kwargs["target"] = step.target
-        if step.mask is not None and term.student == LOGITS and self._takes_mask[name]:
+        if step.mask is not None and self._takes_mask[name]:
             kwargs["mask"] = step.mask
         try:
             value = term.loss(*args, **kwargs)

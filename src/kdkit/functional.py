@@ -505,37 +505,64 @@ def dist(
 
 
 def mse_hidden_states(
-    student: Sequence[Tensor], teacher: Sequence[Tensor], normalize: bool = False
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    normalize: bool = False,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Hint / hidden-state MSE (Romero et al. 2015, "FitNets"; Jiao et al. 2020, "TinyBERT").
 
     ``loss = mean_l mean((f(h_s,l) - f(h_t,l))^2)`` where ``f`` is the identity, or, with
     ``normalize=True``, L2 normalisation over the feature dim (last dim of ``[B, D]`` /
-    ``[B, L, D]``, channel dim of ``[B, C, H, W]``). Shapes must match per layer.
+    ``[B, L, D]``, channel dim of ``[B, C, H, W]``). Shapes must match per layer. For token
+    states ``[B, L, D]`` a bool ``mask`` ``[B, L]`` averages over the kept tokens only.
     """
     _check_layers(student, teacher, "mse_hidden_states")
     losses = []
     for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         dim = _feature_dim(s, f"mse_hidden_states: student hidden state {i}")
         _check_same_shape(s, t, i, "mse_hidden_states")
+        s, t = _upcast(s), _upcast(t)
         if normalize:
             s, t = F.normalize(s, dim=dim), F.normalize(t, dim=dim)
-        losses.append(F.mse_loss(_upcast(s), _upcast(t)))
+        if mask is None:
+            losses.append(F.mse_loss(s, t))
+        else:
+            diff = _drop_masked_tokens(s - t, mask, f"mse_hidden_states layer {i}")
+            losses.append(_masked_mean(diff.pow(2).mean(dim=-1), mask))
     return torch.stack(losses).mean()
 
 
-def cosine_hidden_states(student: Sequence[Tensor], teacher: Sequence[Tensor]) -> Tensor:
+def _drop_masked_tokens(per_token_vectors: Tensor, mask: Tensor, where: str) -> Tensor:
+    """Zero the vectors of dropped tokens in ``[B, L, D]`` (so NaN/Inf there has no gradient)."""
+    if per_token_vectors.dim() != 3:
+        raise ValueError(
+            f"{where}: a token mask needs token states [B, L, D], got shape "
+            f"{tuple(per_token_vectors.shape)}; drop mask= for [B, D] or [B, C, H, W] features"
+        )
+    keep = _check_mask(mask.to(per_token_vectors.device), per_token_vectors.shape[:-1])
+    return per_token_vectors.masked_fill(~keep.unsqueeze(-1), 0.0)
+
+
+def cosine_hidden_states(
+    student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None
+) -> Tensor:
     """Cosine hidden-state loss (as in DistilBERT, Sanh et al. 2019).
 
     ``loss = mean_l mean(1 - cos(h_s,l, h_t,l))``, cosine over the feature dim (last dim of
-    ``[B, D]`` / ``[B, L, D]``, channel dim of ``[B, C, H, W]``), mean over the other positions.
+    ``[B, D]`` / ``[B, L, D]``, channel dim of ``[B, C, H, W]``), mean over the other positions
+    (over the tokens a bool ``mask`` ``[B, L]`` keeps, for token states).
     """
     _check_layers(student, teacher, "cosine_hidden_states")
     losses = []
     for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         dim = _feature_dim(s, f"cosine_hidden_states: student hidden state {i}")
         _check_same_shape(s, t, i, "cosine_hidden_states")
-        losses.append((1.0 - F.cosine_similarity(_upcast(s), _upcast(t), dim=dim)).mean())
+        s, t = _upcast(s), _upcast(t)
+        if mask is not None:
+            where = f"cosine_hidden_states layer {i}"
+            s, t = _drop_masked_tokens(s, mask, where), _drop_masked_tokens(t, mask, where)
+        losses.append(_masked_mean(1.0 - F.cosine_similarity(s, t, dim=dim), mask))
     return torch.stack(losses).mean()
 
 

@@ -307,7 +307,9 @@ class MSEHiddenStatesLoss(nn.Module):
         mapped = mapping(features)
         return mapped.movedim(-1, 1) if channel_first else mapped
 
-    def forward(self, student: HiddenStates, teacher: HiddenStates) -> Tensor:
+    def forward(
+        self, student: HiddenStates, teacher: HiddenStates, *, mask: Tensor | None = None
+    ) -> Tensor:
         student_list = _as_list(student, "student")
         teacher_list = _as_list(teacher, "teacher")
         if self.mappings is not None:
@@ -318,7 +320,7 @@ class MSEHiddenStatesLoss(nn.Module):
                     "set num_layers=None to share one mapping"
                 )
             student_list = [self._map(i, s) for i, s in enumerate(student_list)]
-        return KF.mse_hidden_states(student_list, teacher_list, normalize=self.normalize)
+        return KF.mse_hidden_states(student_list, teacher_list, normalize=self.normalize, mask=mask)
 
     def extra_repr(self) -> str:
         return f"normalize={self.normalize}, need_mapping={self.need_mapping}"
@@ -332,8 +334,12 @@ class CosineHiddenStatesLoss(nn.Module):
 
     needs_target: bool = False
 
-    def forward(self, student: HiddenStates, teacher: HiddenStates) -> Tensor:
-        return KF.cosine_hidden_states(_as_list(student, "student"), _as_list(teacher, "teacher"))
+    def forward(
+        self, student: HiddenStates, teacher: HiddenStates, *, mask: Tensor | None = None
+    ) -> Tensor:
+        return KF.cosine_hidden_states(
+            _as_list(student, "student"), _as_list(teacher, "teacher"), mask=mask
+        )
 
 
 class AttentionLoss(nn.Module):
