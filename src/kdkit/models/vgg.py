@@ -12,13 +12,13 @@ vgg13 9.46M.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kdkit.models.init import he_init
 from kdkit.models.registry import register_model
 
 _CFG = {
@@ -64,18 +64,7 @@ class VGG(nn.Module):
         self.pool4 = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(cfg[4][-1], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
+        he_init(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[2]

@@ -10,12 +10,11 @@ Parameter counts with 100 classes: wrn_16_2 0.70M, wrn_40_2 2.26M.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kdkit.models.init import he_init
 from kdkit.models.registry import register_model
 
 
@@ -67,15 +66,7 @@ class WideResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[3], num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                m.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.bias.data.zero_()
+        he_init(self, zero_linear_bias=True)
 
     @staticmethod
     def _group(n: int, cin: int, cout: int, stride: int, drop_rate: float) -> nn.Sequential:
