@@ -57,3 +57,33 @@ def test_cache_without_index_says_how(digits, tmp_path):
     distiller = Distiller(mlp(16), cache, [Term(HintonLoss())])
     with pytest.raises(ValueError, match=r"IndexedDataset"):
         distiller(digits["x_train"][:4], digits["y_train"][:4])
+
+
+def test_lightning_moves_seeded_views_to_the_current_epoch(digits):
+    import lightning as L
+
+    from kdkit.cache import SeededViews
+    from kdkit.lightning import DistillationModule
+
+    views = SeededViews(
+        IndexedDataset(TensorDataset(digits["x_train"][:64], digits["y_train"][:64])),
+        num_views=3,
+    )
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            seen.append(views.epoch)
+
+    module = DistillationModule(Distiller(mlp(16), mlp(32), [Term(HintonLoss())]), 10)
+    trainer = L.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+        limit_val_batches=0,
+    )
+    trainer.fit(module, DataLoader(views, batch_size=32))
+    assert seen == [0, 1, 2]

@@ -406,3 +406,39 @@ def test_teacher_name_comes_from_the_checkpoint(run_dir: Path, tmp_path: Path, c
     assert "holds a 'mlp' model, not teacher.name='small_cnn'" in captured.err
     assert "(mlp -> mlp, kd)" in captured.out
     assert "small_cnn -> mlp" not in captured.out
+
+
+def test_augmented_cache_replays_its_views_in_distill(run_dir: Path, tmp_path: Path) -> None:
+    from kdkit.cache import TeacherCache
+
+    cache_dir = tmp_path / "views"
+    kdkit(
+        "cache",
+        f"teacher.checkpoint={run_dir / 'teacher/model.pt'}",
+        f"cache.path={cache_dir}",
+        "data.augment=true",
+        "cache.epochs=2",
+        f"hydra.run.dir={tmp_path / 'c'}",
+    )
+    cache = TeacherCache.open(cache_dir)
+    assert cache.replays_views and cache.num_views == 2
+    out = tmp_path / "d"
+    kdkit(
+        "distill",
+        *TINY,
+        "trainer.max_epochs=2",
+        f"distill.teacher_cache={cache_dir}",
+        "data.augment=true",
+        f"hydra.run.dir={out}",
+        "evaluate.latency=false",
+    )
+    assert isinstance(load_model(out / "distilled/model.pt"), MLP)
+    # Without the augmentation the cache was built with, the views cannot match: refused.
+    with pytest.raises(SystemExit):
+        kdkit(
+            "distill",
+            *TINY,
+            f"distill.teacher_cache={cache_dir}",
+            "data.augment=false",
+            f"hydra.run.dir={tmp_path / 'e'}",
+        )

@@ -64,6 +64,12 @@ class _ClassificationModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
+    def on_train_epoch_start(self) -> None:
+        # Seeded-view datasets (kdkit.cache.SeededViews) serve the view of the current epoch.
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         opt = (

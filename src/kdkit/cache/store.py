@@ -97,6 +97,12 @@ class TeacherCache:
         return int(self.meta["num_views"])
 
     @property
+    def replays_views(self) -> bool:
+        """Whether the cache was built from a :class:`SeededViews`: training must read through
+        :meth:`seeded_views` to see the views the teacher saw."""
+        return bool(self.meta.get("seeded_views", False))
+
+    @property
     def num_classes(self) -> int:
         return int(self.meta["logits_shape"][-1])
 
@@ -460,6 +466,7 @@ class TeacherCache:
             teacher.train(was_training)
 
         meta["transform_identity"] = _transform_identity(dataset, transform_id)
+        meta["seeded_views"] = _find_seeded_views(dataset) is not None
         meta["dataset_name"] = _dataset_name(dataset)
         for info in meta["arrays"].values():
             file = tmp / info["file"]

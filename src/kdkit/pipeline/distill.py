@@ -36,10 +36,16 @@ def _teacher_source(cfg: DictConfig, teacher: nn.Module | None, datamodule: Any)
                 "distill.teacher_cache=<dir written by `kdkit cache`>."
             )
         return teacher
-    from kdkit.cache import TeacherCache
+    from kdkit.cache import SeededViews, TeacherCache
 
-    # Opening checks the cache against this teacher and training split (fingerprints).
-    return TeacherCache.open(path, teacher=teacher, dataset=datamodule.prepare().train)
+    # Opening checks the cache against this teacher and training split (fingerprints); a
+    # cache of seeded views is checked against, and trained on, the same views.
+    cache = TeacherCache.open(path, teacher=teacher)
+    splits = datamodule.prepare()
+    if cache.replays_views and not isinstance(splits.train, SeededViews):
+        splits.train = cache.seeded_views(splits.train, None)
+    cache.check(dataset=splits.train)
+    return cache
 
 
 FEATURE_HINT = (

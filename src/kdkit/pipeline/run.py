@@ -334,20 +334,25 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 def cache(cfg: DictConfig) -> dict[str, Any]:
     """Run the teacher over the training split once and store its outputs (TeacherCache)."""
-    from kdkit.cache import TeacherCache
+    from kdkit.cache import SeededViews, TeacherCache
 
     out = output_dir(cfg)
     dm = build_datamodule(cfg)
     splits = dm.prepare()
     teacher, _ = load_teacher(cfg, dm.num_classes)
     path = Path(str(cfg.cache.get("path") or out / "teacher_cache"))
+    epochs = int(cfg.cache.get("epochs", 1))
+    train = splits.train
+    if epochs > 1 or cfg.data.get("augment"):
+        # Random augmentation: cache `epochs` seeded views, which `distill` replays exactly.
+        train = SeededViews(train, seed=int(cfg.seed), num_views=epochs)
     built = TeacherCache.build(
         teacher,
-        splits.train,
+        train,
         path,
         top_k=cfg.cache.get("top_k"),
         batch_size=int(cfg.cache.get("batch_size", 256)),
-        epochs=int(cfg.cache.get("epochs", 1)),
+        epochs=epochs,
     )
     print(f"teacher cache: {built.path} ({len(built)} samples); use distill.teacher_cache={path}")
     return {"path": str(path)}
