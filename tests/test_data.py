@@ -291,3 +291,13 @@ def test_datamodule_batches_and_seeded_shuffle():
     assert torch.equal(val_idx, torch.arange(32))
     assert len(dm.test_dataloader().dataset) == 360
     assert dm.class_names[0] == "0"
+
+
+def test_epoch_dependent_training_sets_get_fresh_workers_each_epoch():
+    from kdkit.cache import SeededViews
+    from kdkit.data import KDDataModule
+
+    dm = KDDataModule("digits", num_workers=1)
+    assert dm.train_dataloader().persistent_workers
+    dm.splits.train = SeededViews(dm.splits.train, num_views=2)
+    assert not dm.train_dataloader().persistent_workers

@@ -73,16 +73,20 @@ class KDDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         splits = self.prepare()
+        dataset = getattr(splits, split)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # Workers that outlive an epoch keep a stale copy of an epoch-dependent dataset
+        # (kdkit.cache.SeededViews): fresh workers each epoch then see its set_epoch.
+        persistent = self.num_workers > 0 and not hasattr(dataset, "set_epoch")
         return DataLoader(
-            getattr(splits, split),
+            dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last and split == "train",
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=persistent,
         )
 
     def train_dataloader(self) -> DataLoader:
