@@ -1,17 +1,21 @@
 """kdkit: knowledge distillation for PyTorch."""
 
 from kdkit import functional, losses
-from kdkit.capture import FeatureCapture, list_modules, map_layers
+from kdkit.cache import SeededViews, TeacherCache
+from kdkit.capture import FeatureCapture, list_modules, map_layers, pair_layers
 from kdkit.distiller import Distiller, DistillerOutput, Term
 
 __all__ = [
     "Distiller",
     "DistillerOutput",
     "FeatureCapture",
+    "SeededViews",
+    "TeacherCache",
     "Term",
     "functional",
     "list_modules",
     "losses",
     "map_layers",
+    "pair_layers",
 ]
 __version__ = "0.1.0"

@@ -75,6 +75,8 @@ def fit_stage(
     """
     in_main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if in_main else None
+    if trainer.is_global_zero and cfg.get("progress_bar", "rich") != "none":
+        print(f"[{stage}] training ({trainer.max_epochs} epochs) -> {stage_dir}", flush=True)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SystemExit as exc:
