@@ -23,15 +23,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from kdkit.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from kdkit.atomic import atomic_write_bytes, atomic_write_text
 from kdkit.evaluation import gap_closed
 
 __all__ = [
     "ROLES",
     "ModelReport",
-    # Re-exported: kdkit.pipeline imports these two from here (they live in kdkit.atomic).
-    "atomic_path",
-    "atomic_write_text",
     "build_report",
     "load_report",
     "print_report",

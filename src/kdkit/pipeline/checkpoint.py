@@ -19,7 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-from kdkit.report import atomic_path
+from kdkit.atomic import atomic_write
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -51,10 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"AtomicCheckpointIO does not take storage_options (got {storage_options!r}); "
                 "it writes local files only."
             )
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 class ModelSpecCallback(L.Callback):
@@ -137,12 +134,7 @@ def save_model(
         ),
         "metadata": dict(metadata or {}),
     }
-    final = Path(path)
-    with atomic_path(final) as tmp, open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    return final
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_model_file(path: str | os.PathLike[str], *, what: str = "model file") -> dict[str, Any]:

@@ -11,8 +11,9 @@ from typing import Any
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from kdkit.atomic import atomic_write_text
 from kdkit.evaluation import count_parameters, evaluate, measure_latency, predict, size_on_disk
-from kdkit.report import ModelReport, atomic_write_text
+from kdkit.report import ModelReport
 
 METRICS_FILE = "metrics.json"
 STAGES = {"teacher": "teacher", "scratch": "scratch", "distilled": "distilled"}

@@ -16,6 +16,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from kdkit.atomic import atomic_write_text
 from kdkit.pipeline.build import (
     build_datamodule,
     build_model,
@@ -31,7 +32,7 @@ from kdkit.pipeline.evaluate import (
     teacher_test_logits,
 )
 from kdkit.pipeline.train import train_supervised
-from kdkit.report import atomic_write_text, build_report, print_report
+from kdkit.report import build_report, print_report
 
 
 def _is_rank_zero() -> bool:
