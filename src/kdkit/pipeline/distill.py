@@ -18,7 +18,6 @@ from kdkit.pipeline.build import (
     build_terms,
     build_trainer,
     output_dir,
-    resolve_ckpt_path,
     run_info,
 )
 from kdkit.pipeline.checkpoint import save_model
@@ -162,13 +161,9 @@ def distill_student(
     )
     stage_dir = output_dir(cfg) / stage
     trainer = build_trainer(cfg, stage_dir, stage, spec, info=run_info(cfg, "distilled"))
-    ckpt_path = (
-        resolve_ckpt_path(cfg, stage, spec, required=resume != "optional", prefer=prefer)
-        if resume
-        else None
+    fit_stage(
+        cfg, trainer, module, datamodule, stage, stage_dir, spec, resume=resume, prefer=prefer
     )
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    fit_stage(cfg, trainer, module, datamodule, ckpt_path, stage, stage_dir)
     if trainer.is_global_zero:
         save_model(
             stage_dir / "model.pt",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import signal
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,28 @@ def fit_stage(
     trainer: L.Trainer,
     module: L.LightningModule,
     datamodule: Any,
-    ckpt_path: str | None,
     stage: str,
     stage_dir: Path,
+    spec: Mapping[str, Any],
+    *,
+    resume: bool | str = False,
+    prefer: Path | None = None,
 ) -> None:
-    """``trainer.fit`` that turns Ctrl-C into :class:`StageInterrupted` with the resume command.
+    """Fit one stage: resolve the checkpoint to resume (``resume``: True requires a matching
+    one, ``"optional"`` takes it if there is one), re-seed the data stream, ``trainer.fit``.
+
+    Ctrl-C becomes :class:`StageInterrupted` with the resume command.
 
     On KeyboardInterrupt Lightning tears down and calls ``sys.exit(1)`` (after ignoring further
     SIGINTs); the exit is caught here so the user learns how to resume, and the SIGINT handler
     is put back.
     """
+    ckpt_path = (
+        resolve_ckpt_path(cfg, stage, spec, required=resume != "optional", prefer=prefer)
+        if resume
+        else None
+    )
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     in_main = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGINT) if in_main else None
     if trainer.is_global_zero and cfg.get("progress_bar", "rich") != "none":
@@ -121,13 +134,9 @@ def train_supervised(
     trainer = build_trainer(
         cfg, stage_dir, stage, spec, max_epochs=epochs, info=run_info(cfg, stage)
     )
-    ckpt_path = (
-        resolve_ckpt_path(cfg, stage, spec, required=resume != "optional", prefer=prefer)
-        if resume
-        else None
+    fit_stage(
+        cfg, trainer, module, datamodule, stage, stage_dir, spec, resume=resume, prefer=prefer
     )
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    fit_stage(cfg, trainer, module, datamodule, ckpt_path, stage, stage_dir)
     if trainer.is_global_zero:
         save_model(stage_dir / "model.pt", model, spec, metadata={"stage": stage})
     return model.eval(), spec, trainer
