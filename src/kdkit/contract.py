@@ -8,7 +8,8 @@ Distiller reads these declarations; it never inspects a signature. Calling conve
   positional argument (``HintonLoss()(s, t, y)``, as torch's losses do);
 * feature losses: the same, with a tensor or a list of per-layer tensors for student / teacher;
 * losses that read no teacher (``reads_teacher = False``, e.g.
-  :class:`kdkit.losses.CrossEntropyLoss`): ``loss(student_logits, target, *, mask=None, num_items_in_batch=None)``.
+  :class:`kdkit.losses.CrossEntropyLoss`):
+  ``loss(student_logits, target, *, mask=None, num_items_in_batch=None)``.
 
 ``reduction`` follows torch: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-sample ``[B]`` or
 per-token ``[B, L]`` values, 0 at dropped positions). ``num_items_in_batch`` replaces the mean's
