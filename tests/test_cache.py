@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+from time import time_ns
 
 import numpy as np
 import pytest
@@ -469,3 +471,277 @@ def test_augmented_reads_are_named_as_the_likely_cause(tmp_path, data):
     x[0, 0] += 1.0
     with pytest.raises(ValueError, match=r"same class and length.*data.augment=false"):
         TeacherCache.open(path, dataset=Indexed(x, y), transform_id="t")
+
+
+# ---- a resumed build trusts only verified blocks ---------------------------------------------
+
+
+def _npy_rows(file, n_rows: int = N, row_bytes: int = 4 * C) -> tuple[int, int]:
+    """Byte offset of row 0 in an ``[1, N, C]`` float32 ``.npy`` file, and the bytes per row."""
+    return file.stat().st_size - n_rows * row_bytes, row_bytes
+
+
+def _same_bytes(a, b) -> None:
+    names = sorted(p.name for p in b.iterdir() if p.suffix == ".npy")
+    assert names == sorted(p.name for p in a.iterdir() if p.suffix == ".npy")
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _truncate(file, start: int, row: int) -> None:
+    with open(file, "r+b") as f:
+        f.truncate(start + row * 12 + 5)  # inside block 1 (rows 8..15)
+
+
+def _flip(file, start: int, row: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[start + row * 10 + 3] ^= 0x40  # row 10: block 1
+    file.write_bytes(bytes(data))
+
+
+def _zero(file, start: int, row: int) -> None:
+    data = bytearray(file.read_bytes())
+    data[start + row * 8 : start + row * 16] = bytes(row * 8)  # all of block 1
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip, _zero], ids=["truncate", "flip", "zero"])
+def test_resume_recomputes_damaged_blocks(tmp_path, data, damage, caplog):
+    # Blocks of 8 rows (one batch each); the crash leaves blocks 0..2 (rows 0..23) recorded.
+    common = {"batch_size": BS, "checkpoint_every": 1}
+    path = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        TeacherCache.build(CrashingNet(4), data, path, **common)
+    file = tmp_path / ".c.partial" / "logits.npy"
+    damage(file, *_npy_rows(file))
+
+    teacher = TinyNet()
+    with caplog.at_level("INFO", logger="kdkit.cache"):
+        TeacherCache.build(teacher, data, path, **common)
+    # block 1 failed verification (and, when truncated, block 2 lost its rows too)
+    recomputed = 2 if damage is _truncate else 1
+    assert teacher.calls == 2 + recomputed  # blocks 3, 4 were never done
+    log = caplog.text
+    assert "resuming" in log and f"{recomputed} block(s) failed verification" in log
+    fresh = TeacherCache.build(TinyNet(), data, tmp_path / "fresh", **common)
+    _same_bytes(path, tmp_path / "fresh")
+    assert json.loads((path / "meta.json").read_text())["arrays"] == fresh.meta["arrays"]
+
+
+def test_resume_recomputes_block_whose_feature_array_is_damaged(tmp_path, data):
+    common = {"batch_size": BS, "checkpoint_every": 2, "top_k": 3, "features": ["net.0"]}
+    path = tmp_path / "c"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        TeacherCache.build(CrashingNet(5), data, path, **common)  # blocks of 16 rows: 0, 1 done
+    feat = tmp_path / ".c.partial" / "feat_000.npy"
+    raw = bytearray(feat.read_bytes())
+    raw[-(N - 20) * 16 * 4] ^= 0x01  # row 20 of the features: block 1
+    feat.write_bytes(bytes(raw))
+    teacher = TinyNet()
+    TeacherCache.build(teacher, data, path, **common)
+    assert teacher.calls == 2 + 1  # block 1 again (2 batches), block 2 (1 short batch)
+    TeacherCache.build(TinyNet(), data, tmp_path / "fresh", **common)
+    _same_bytes(path, tmp_path / "fresh")
+
+
+def test_partial_state_records_a_checksum_per_block(tmp_path, data):
+    with pytest.raises(RuntimeError):
+        TeacherCache.build(CrashingNet(4), data, tmp_path / "c", batch_size=BS, checkpoint_every=1)
+    state = json.loads((tmp_path / ".c.partial" / "meta.json.partial").read_text())
+    assert state["block_rows"] == BS
+    sums = state["blocks"][0]
+    assert [s is not None for s in sums] == [True, True, True, False, False]
+    arr = np.load(tmp_path / ".c.partial" / "logits.npy", mmap_mode="r")
+    import hashlib
+
+    assert sums[1]["logits"] == hashlib.sha256(arr[0, 8:16].tobytes()).hexdigest()
+
+
+_KILL_SCRIPT = """
+import sys, time, torch
+from torch import nn
+from torch.utils.data import Dataset
+from kdkit.cache import TeacherCache
+
+class Indexed(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+    def __len__(self):
+        return len(self.x)
+    def __getitem__(self, i):
+        return self.x[i], self.y[i], i
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear({D}, 16), nn.ReLU(), nn.Linear(16, {C}))
+    def forward(self, x):
+        time.sleep(0.4)  # slow enough to be killed mid-build
+        return self.net(x)
+
+teacher = TinyNet()
+teacher.load_state_dict(torch.load(sys.argv[1]))
+x, y = torch.load(sys.argv[2])
+TeacherCache.build(teacher, Indexed(x, y), sys.argv[3], batch_size={BS}, checkpoint_every=1,
+                   progress=False)
+"""
+
+
+def test_kill_9_then_corruption_resumes_to_identical_bytes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    teacher, (x, y) = TinyNet(), make_data()
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    torch.save((x, y), tmp_path / "data.pt")
+    script = tmp_path / "build.py"
+    script.write_text(_KILL_SCRIPT.format(D=D, C=C, BS=BS))
+    path = tmp_path / "c"
+    partial = tmp_path / ".c.partial" / "meta.json.partial"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = [sys.executable, str(script), str(tmp_path / "teacher.pt"), str(tmp_path / "data.pt")]
+    proc = subprocess.Popen([*args, str(path)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.is_file() and json.loads(partial.read_text())["rows_done"] >= 2 * BS:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the build finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not path.exists()
+    file = tmp_path / ".c.partial" / "logits.npy"
+    _zero(file, *_npy_rows(file))  # block 1 zeroed after the kill
+    TeacherCache.build(TinyNet(), Indexed(x, y), path, batch_size=BS, checkpoint_every=1)
+    TeacherCache.build(TinyNet(), Indexed(x, y), tmp_path / "fresh", batch_size=BS)
+    _same_bytes(path, tmp_path / "fresh")
+
+
+# ---- progress ---------------------------------------------------------------------------------
+
+
+class _Terminal:
+    """A stderr that says it is a terminal and keeps what is written."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path, data, monkeypatch, capsys):
+    TeacherCache.build(TinyNet(), data, tmp_path / "a", batch_size=BS)
+    assert capsys.readouterr().err == ""  # not a terminal: no bar
+    term = _Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    TeacherCache.build(TinyNet(), data, tmp_path / "b", batch_size=BS)
+    shown = "".join(term.parts)
+    assert "samples/s" in shown and f"{N}/{N}" in shown
+    term.parts.clear()
+    TeacherCache.build(TinyNet(), data, tmp_path / "c", batch_size=BS, progress=False)
+    assert term.parts == []
+
+
+def test_resume_is_logged_with_where_it_continues(tmp_path, data, caplog):
+    with pytest.raises(RuntimeError):
+        TeacherCache.build(CrashingNet(4), data, tmp_path / "c", batch_size=BS, checkpoint_every=1)
+    with caplog.at_level("INFO", logger="kdkit.cache"):
+        TeacherCache.build(TinyNet(), data, tmp_path / "c", batch_size=BS, checkpoint_every=1)
+    assert "resuming" in caplog.text
+    assert "24 of 37 rows verified" in caplog.text and "view 0, sample 24" in caplog.text
+    assert "failed verification" not in caplog.text
+
+
+# ---- verification once per process ------------------------------------------------------------
+
+
+def _count_hashes(monkeypatch) -> list[str]:
+    from kdkit.cache import store
+
+    calls: list[str] = []
+    real = store._sha256_file
+
+    def counting(path):
+        calls.append(path.name)
+        return real(path)
+
+    monkeypatch.setattr(store, "_sha256_file", counting)
+    return calls
+
+
+def test_second_open_does_not_rehash_unchanged_files(tmp_path, data, monkeypatch):
+    from kdkit.cache import store
+
+    path = tmp_path / "c"
+    TeacherCache.build(TinyNet(), data, path, batch_size=BS, top_k=3)
+    # the files were written long ago (racily recent files are always re-hashed)
+    monkeypatch.setattr(store, "_now_ns", lambda: time_ns() + 3600 * 10**9)
+    calls = _count_hashes(monkeypatch)
+    TeacherCache.open(path)
+    assert sorted(calls) == ["topk_index.npy", "topk_logp.npy", "topk_tail.npy"]
+    TeacherCache.open(path, teacher=TinyNet(), dataset=data)
+    TeacherCache.open(str(path) + "/")  # the same files by another spelling of the path
+    assert len(calls) == 3
+
+    # same size, same inode, new content: refused
+    file = path / "topk_tail.npy"
+    stat = file.stat()
+    raw = bytearray(file.read_bytes())
+    raw[-1] ^= 0x01
+    file.write_bytes(bytes(raw))
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match="topk_tail.npy fails its sha256"):
+        TeacherCache.open(path)
+
+
+def test_recently_written_file_is_rehashed_on_every_open(tmp_path, data):
+    # A change within the file system's timestamp granularity keeps size, mtime and inode: a
+    # file modified around the time it was verified is never trusted by its identity alone.
+    path = tmp_path / "c"
+    TeacherCache.build(TinyNet(), data, path, batch_size=BS)
+    TeacherCache.open(path)
+    file = path / "logits.npy"
+    raw = bytearray(file.read_bytes())
+    raw[-3] ^= 0x10
+    file.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="fails its sha256"):
+        TeacherCache.open(path)
+
+
+# ---- labels are not part of what the cache stores ----------------------------------------------
+
+
+def test_hidden_labels_do_not_change_the_cache(tmp_path):
+    from kdkit.data import IndexedDataset
+    from kdkit.data.indexed import unlabeled_mask
+
+    x, y = make_data()
+    all_labels = IndexedDataset(TensorDataset(x, y))
+    tenth = IndexedDataset(TensorDataset(x, y), hide_labels=unlabeled_mask(N, 0.1))
+    half = IndexedDataset(TensorDataset(x, y), hide_labels=unlabeled_mask(N, 0.5))
+    teacher = TinyNet()
+    cache = TeacherCache.build(teacher, tenth, tmp_path / "c", batch_size=BS)
+    TeacherCache.open(tmp_path / "c", teacher=teacher, dataset=all_labels)
+    TeacherCache.open(tmp_path / "c", teacher=teacher, dataset=half)
+    again = TeacherCache.build(TinyNet(), half, tmp_path / "c", batch_size=BS)
+    assert again.meta["fingerprint"] == cache.meta["fingerprint"]
+    # the inputs still count
+    x2 = x.clone()
+    x2[0, 0] += 1.0
+    with pytest.raises(ValueError, match="dataset differs"):
+        TeacherCache.open(tmp_path / "c", dataset=IndexedDataset(TensorDataset(x2, y)))

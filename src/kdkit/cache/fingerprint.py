@@ -75,15 +75,21 @@ def _probe_indices(n: int) -> list[int]:
 
 
 def _sample_hash(item: Any) -> str:
+    """sha256 of a sample's input ``x`` (item 0 of ``(x, y, index)``): what the teacher reads.
+
+    The label is left out: it does not change the teacher's output, so a cache stays valid
+    when labels are hidden (``data.labeled_fraction``) or relabelled.
+    """
     h = hashlib.sha256()
-    _hash_update(h, item[:2] if isinstance(item, (tuple, list)) else item)
+    _hash_update(h, item[0] if isinstance(item, (tuple, list)) else item)
     return h.hexdigest()
 
 
 def fingerprint_dataset(dataset: Dataset) -> str:
-    """sha256 of class name, length and 16 evenly spaced samples' ``(x, y)`` (all if fewer).
+    """sha256 of class name, length and 16 evenly spaced samples' inputs ``x`` (all if fewer).
 
     A probe, not a full hash: reading the whole data set on every open would cost a data pass.
+    Labels are not part of it (see :func:`_sample_hash`).
 
     A :class:`SeededViews` is read at view 0, so its (random) augmentation is replayed exactly.
     """

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,16 +32,21 @@ from kdkit.cache.fingerprint import (
     fingerprint_dataset,
     fingerprint_teacher,
 )
+from kdkit.cache.partial import PARTIAL_META, PartialBuild
+from kdkit.cache.progress import BuildProgress
 from kdkit.cache.topk import _index_dtype, topk_compress, topk_reconstruct
 from kdkit.cache.views import SeededViews, _at_view, _find_seeded_views
 from kdkit.capture import select_tensor
 
 __all__ = ["FORMAT_VERSION", "TeacherCache"]
 
-FORMAT_VERSION = 1
+# 2: the dataset fingerprint hashes inputs only (labels do not change teacher outputs), and an
+# unfinished build records a checksum per block.
+FORMAT_VERSION = 2
 _META = "meta.json"
-_PARTIAL_META = "meta.json.partial"
 _META_KEYS = ("format_version", "arrays", "fingerprint", "num_samples", "num_views", "logits_shape")
+logger = logging.getLogger(__name__)
+
 _REBUILD_HINT = "rebuild it with `kdkit.cache.TeacherCache.build(...)` or `kdkit cache`"
 _DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 
@@ -50,6 +57,41 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# Files whose sha256 this process has verified, by resolved path: (identity, sha256). A file
+# whose identity (device, inode, size, mtime, ctime) is unchanged is not read again; writing
+# to it, replacing it, or restoring its mtime (which sets ctime) all change the identity.
+_VERIFIED: dict[str, tuple[tuple[int, ...], str]] = {}
+# A file changed within its file system's timestamp granularity of the verification could
+# keep its identity (like git's "racily clean" entries): such a file is hashed on every open.
+_RACY_NS = 2 * 10**9
+
+
+def _now_ns() -> int:
+    return time.time_ns()
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _checksum_matches(file: Path, sha256: str) -> bool:
+    """Whether ``file`` hashes to ``sha256``; once per process for an unchanged file."""
+    key = str(file.resolve())
+    before = _identity(file.stat())
+    if _VERIFIED.get(key) == (before, sha256):
+        return True
+    started = _now_ns()
+    if _sha256_file(file) != sha256:
+        return False
+    after = file.stat()
+    if (
+        _identity(after) == before
+        and max(after.st_mtime_ns, after.st_ctime_ns) < started - _RACY_NS
+    ):
+        _VERIFIED[key] = (before, sha256)
+    return True
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -220,13 +262,16 @@ class TeacherCache:
 
         File sizes are always checked; with ``verify=True`` each array's sha256 is recomputed
         and compared with ``meta.json`` (reads every byte once: pass ``verify=False`` to skip
-        on trusted storage). Any part given that differs from what the cache was built from
-        raises ValueError naming the part (teacher weights / dataset / transform).
+        on trusted storage). A file is hashed once per process: opening the same cache again
+        re-hashes only files whose device, inode, size, mtime or ctime changed since (or that
+        were modified within 2 s of being hashed, which a timestamp might not reveal). Any part
+        given that differs from what the cache was built from raises ValueError naming the part
+        (teacher weights / dataset / transform).
         """
         path = Path(path)
         meta_path = path / _META
         if not meta_path.is_file():
-            partial = path.parent / f".{path.name}.partial" / _PARTIAL_META
+            partial = path.parent / f".{path.name}.partial" / PARTIAL_META
             if partial.is_file():
                 done = json.loads(partial.read_text()).get("rows_done", 0)
                 raise FileNotFoundError(
@@ -271,7 +316,7 @@ class TeacherCache:
                     f"TeacherCache: array file {file} has {size} bytes, meta.json records "
                     f"{info['bytes']} (truncated or overwritten); {_REBUILD_HINT}"
                 )
-            if checksums and _sha256_file(file) != info["sha256"]:
+            if checksums and not _checksum_matches(file, info["sha256"]):
                 raise ValueError(
                     f"TeacherCache: array file {file} fails its sha256 checksum (corrupted); "
                     f"{_REBUILD_HINT}"
@@ -305,7 +350,7 @@ class TeacherCache:
                 name, built_from = _dataset_name(dataset), self.meta.get("dataset_name", "?")
                 if name == built_from and n == len(self):
                     why = (
-                        "same class and length, but the sampled items differ: other data, or "
+                        "same class and length, but the sampled inputs differ: other data, or "
                         "random augmentation giving another view on each read (turn it off, "
                         "e.g. data.augment=false, or replay views with kdkit.cache.SeededViews)"
                     )
@@ -341,6 +386,7 @@ class TeacherCache:
         logits: Callable[[Any], Tensor] | None = None,
         num_workers: int = 0,
         checkpoint_every: int = 16,
+        progress: bool = True,
     ) -> TeacherCache:
         """Run ``teacher`` (eval, no_grad) over ``dataset`` once per view and store the outputs.
 
@@ -349,11 +395,15 @@ class TeacherCache:
         without one); a value that differs from the SeededViews' seed is refused. The
         teacher is moved to ``device``. ``dtype`` is the storage dtype of dense logits and
         features (float32 or float16), ``topk_dtype`` that of top-k log-probabilities.
-        Progress is flushed every ``checkpoint_every`` batches to ``.<name>.partial/`` next to
-        ``path``; calling build again with the same arguments resumes and gives the same bytes
-        as an uninterrupted build. The finished directory is renamed into place atomically. If
-        a finished cache with the same fingerprint and settings is already at ``path``, it is
-        opened instead of rebuilt.
+        Outputs are written to ``.<name>.partial/`` next to ``path`` in blocks of
+        ``checkpoint_every`` batches; each completed block is flushed and its sha256 recorded
+        atomically. Calling build again with the same arguments resumes: it re-hashes every
+        recorded block, re-computes those that fail (truncated, zeroed or altered since) and
+        those never recorded, logs where it resumes and how many blocks failed, and gives the
+        same bytes as an uninterrupted build. The finished directory is renamed into place
+        atomically. If a finished cache with the same fingerprint and settings is already at
+        ``path``, it is opened instead of rebuilt. ``progress`` shows a progress bar (samples,
+        samples/s, time left) on stderr when stderr is a terminal.
         """
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(
@@ -418,25 +468,7 @@ class TeacherCache:
                 )
 
         tmp = path.parent / f".{path.name}.partial"
-        partial = tmp / _PARTIAL_META
-        state: dict | None = None
-        if partial.is_file():
-            try:
-                state = json.loads(partial.read_text())
-            except json.JSONDecodeError:
-                state = None
-            if state is not None and state.get("settings") != settings:
-                warnings.warn(
-                    f"TeacherCache.build: discarding the unfinished build in {tmp}: it was "
-                    "started with a different teacher, dataset, transform or settings",
-                    stacklevel=2,
-                )
-                state = None
-        if state is None:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-
+        build = PartialBuild.resume_or_start(tmp, settings, batch_size * checkpoint_every)
         device = torch.device(device)
         was_training = teacher.training
         teacher.to(device).eval()
@@ -449,18 +481,17 @@ class TeacherCache:
             meta = cls._run(
                 teacher,
                 dataset,
-                tmp,
-                state,
-                settings,
+                build,
                 capture,
                 device,
                 dtype,
                 topk_dtype,
                 logits or select_tensor,
                 num_workers,
-                checkpoint_every,
+                progress,
             )
         finally:
+            build.close()
             if capture is not None:
                 capture.close()
             teacher.train(was_training)
@@ -473,138 +504,119 @@ class TeacherCache:
             info["bytes"] = file.stat().st_size
             info["sha256"] = _sha256_file(file)
         _write_json_atomic(tmp / _META, meta)
-        partial.unlink()
+        (tmp / PARTIAL_META).unlink(missing_ok=True)
         _replace_dir(tmp, path)
+        logger.info("TeacherCache.build: wrote %s (%d samples x %d views)", path, n, epochs)
         return cls.open(path, verify=False)
 
     @staticmethod
+    def _outputs(
+        z: Tensor, capture: Any, settings: dict, dtype: torch.dtype, topk_dtype: torch.dtype
+    ) -> dict[str, np.ndarray]:
+        """The arrays stored for one batch of teacher logits ``z`` (and captured features)."""
+        top_k = settings["top_k"]
+        outputs: dict[str, np.ndarray] = {}
+        if top_k is None:
+            outputs["logits"] = z.to("cpu", dtype).numpy()
+        else:
+            if top_k > z.shape[-1]:
+                raise ValueError(
+                    f"TeacherCache.build: top_k={top_k} exceeds the number of classes "
+                    f"C={z.shape[-1]}; use top_k <= {z.shape[-1]}"
+                )
+            values, idx, tail = topk_compress(z.to("cpu"), top_k)
+            outputs["topk_logp"] = values.to(topk_dtype).numpy()
+            outputs["topk_index"] = idx.numpy().astype(_index_dtype(z.shape[-1]))
+            outputs["topk_tail"] = tail.to(torch.float32).numpy()
+        if capture is not None:
+            feats = capture.features
+            for i, p in enumerate(settings["features"]):
+                if p not in feats:
+                    raise ValueError(
+                        f"TeacherCache.build: feature {p!r} was not captured in the teacher's "
+                        "forward (the module did not run)"
+                    )
+                outputs[f"feat_{i:03d}"] = feats[p].detach().to("cpu", dtype).numpy()
+        return outputs
+
+    @staticmethod
+    def _new_meta(settings: dict, outputs: dict[str, np.ndarray], logits_shape: list[int]) -> dict:
+        n, k_views = settings["num_samples"], settings["num_views"]
+        return {
+            "format_version": FORMAT_VERSION,
+            "num_samples": n,
+            "num_views": k_views,
+            "top_k": settings["top_k"],
+            "seed": settings["seed"],
+            "logits_shape": logits_shape,
+            "features": {p: f"feat_{i:03d}" for i, p in enumerate(settings["features"])},
+            "arrays": {
+                name: {
+                    "file": f"{name}.npy",
+                    "dtype": str(value.dtype),
+                    "shape": [k_views, n, *value.shape[1:]],
+                }
+                for name, value in outputs.items()
+            },
+            "fingerprint": settings["fingerprint"],
+            "settings": settings,
+        }
+
+    @classmethod
     def _run(
+        cls,
         teacher: nn.Module,
         dataset: Dataset,
-        tmp: Path,
-        state: dict | None,
-        settings: dict,
+        build: PartialBuild,
         capture: Any,
         device: torch.device,
         dtype: torch.dtype,
         topk_dtype: torch.dtype,
         select_logits: Callable[[Any], Tensor],
         num_workers: int,
-        checkpoint_every: int,
+        progress: bool,
     ) -> dict:
-        n, k_views, top_k = settings["num_samples"], settings["num_views"], settings["top_k"]
-        arrays: dict[str, np.ndarray] = {}
-        meta: dict = state["meta"] if state is not None else {}
-        if state is not None:
-            for name, info in meta["arrays"].items():
-                arrays[name] = np.lib.format.open_memmap(tmp / info["file"], mode="r+")
-        rows_done = state["rows_done"] if state is not None else 0
-
-        def save_progress(rows: int) -> None:
-            for arr in arrays.values():
-                arr.flush()
-            _write_json_atomic(
-                tmp / _PARTIAL_META, {"settings": settings, "meta": meta, "rows_done": rows}
-            )
-
-        def allocate(outputs: dict[str, Tensor], logits_shape: list[int]) -> None:
-            meta.update(
-                format_version=FORMAT_VERSION,
-                num_samples=n,
-                num_views=k_views,
-                top_k=top_k,
-                seed=settings["seed"],
-                logits_shape=logits_shape,
-                features={},
-                arrays={},
-                fingerprint=settings["fingerprint"],
-                settings=settings,
-            )
-            for i, p in enumerate(settings["features"]):
-                meta["features"][p] = f"feat_{i:03d}"
-            for name, value in outputs.items():
-                info = {
-                    "file": f"{name}.npy",
-                    "dtype": str(value.dtype),
-                    "shape": [k_views, n, *value.shape[1:]],
-                }
-                meta["arrays"][name] = info
-                arrays[name] = np.lib.format.open_memmap(
-                    tmp / info["file"], mode="w+", dtype=value.dtype, shape=tuple(info["shape"])
-                )
-
-        batch_size = settings["batch_size"]
-        for view in range(k_views):
-            if rows_done >= (view + 1) * n:
-                continue
-            start = max(0, rows_done - view * n)
-            with _at_view(dataset, view):
-                loader = DataLoader(
-                    dataset,
-                    batch_size=batch_size,
-                    sampler=range(start, n),
-                    num_workers=num_workers,
-                )
-                batches_since_save = 0
-                pos = start
-                for batch in loader:
-                    x, index = batch[0], batch[2]
-                    expect = torch.arange(pos, pos + len(index))
-                    if not torch.equal(torch.as_tensor(index).long().cpu(), expect):
-                        raise ValueError(
-                            f"TeacherCache.build: the dataset's index element does not match "
-                            f"the sample position (expected {pos}..{pos + len(index) - 1}, got "
-                            f"{index.tolist()[:8]}...); {_WRAP_HINT}"
+        """Compute every block ``build`` has not verified, view by view, in sample order."""
+        settings = build.settings
+        n, k_views = settings["num_samples"], settings["num_views"]
+        todo = {view: build.todo(view) for view in range(k_views)}
+        total = sum(stop - start for runs in todo.values() for start, stop in runs)
+        label = "teacher cache" if build.rows_done == 0 else "teacher cache (resumed)"
+        with BuildProgress(total, progress, label) as bar:
+            for view, runs in todo.items():
+                for start, stop in runs:
+                    with _at_view(dataset, view):
+                        loader = DataLoader(
+                            dataset,
+                            batch_size=settings["batch_size"],
+                            sampler=range(start, stop),
+                            num_workers=num_workers,
                         )
-                    x = to_device(x, device)
-                    if capture is not None:
-                        capture.clear()
-                    with torch.no_grad():
-                        out = call_model(teacher, x)
-                    z = select_logits(out).detach()
-                    outputs: dict[str, np.ndarray] = {}
-                    if top_k is None:
-                        outputs["logits"] = z.to("cpu", dtype).numpy()
-                    else:
-                        if top_k > z.shape[-1]:
-                            raise ValueError(
-                                f"TeacherCache.build: top_k={top_k} exceeds the number of "
-                                f"classes C={z.shape[-1]}; use top_k <= {z.shape[-1]}"
-                            )
-                        values, idx, tail = topk_compress(z.to("cpu"), top_k)
-                        outputs["topk_logp"] = values.to(topk_dtype).numpy()
-                        outputs["topk_index"] = idx.numpy().astype(_index_dtype(z.shape[-1]))
-                        outputs["topk_tail"] = tail.to(torch.float32).numpy()
-                    if capture is not None:
-                        feats = capture.features
-                        for i, p in enumerate(settings["features"]):
-                            if p not in feats:
+                        pos = start
+                        for batch in loader:
+                            x, index = batch[0], batch[2]
+                            expect = torch.arange(pos, pos + len(index))
+                            if not torch.equal(torch.as_tensor(index).long().cpu(), expect):
                                 raise ValueError(
-                                    f"TeacherCache.build: feature {p!r} was not captured in the "
-                                    "teacher's forward (the module did not run)"
+                                    "TeacherCache.build: the dataset's index element does not "
+                                    f"match the sample position (expected {pos}.."
+                                    f"{pos + len(index) - 1}, got {index.tolist()[:8]}...); "
+                                    f"{_WRAP_HINT}"
                                 )
-                            outputs[f"feat_{i:03d}"] = feats[p].detach().to("cpu", dtype).numpy()
-                    if not arrays:
-                        allocate(outputs, list(z.shape[1:]))
-                    for name, value in outputs.items():
-                        arr = arrays[name]
-                        if value.shape[1:] != arr.shape[2:] or value.dtype != arr.dtype:
-                            raise ValueError(
-                                f"TeacherCache.build: output {name!r} has per-sample shape "
-                                f"{list(value.shape[1:])} at sample {pos}, but "
-                                f"{list(arr.shape[2:])} earlier; the cache needs a fixed shape "
-                                "per sample (pad variable-length inputs to one length)"
-                            )
-                        arr[view, pos : pos + len(value)] = value
-                    pos += len(index)
-                    batches_since_save += 1
-                    if batches_since_save >= checkpoint_every:
-                        save_progress(view * n + pos)
-                        batches_since_save = 0
-                save_progress((view + 1) * n)
-        for arr in arrays.values():
-            arr.flush()
-        arrays.clear()
+                            if capture is not None:
+                                capture.clear()
+                            with torch.no_grad():
+                                out = call_model(teacher, to_device(x, device))
+                            z = select_logits(out).detach()
+                            outputs = cls._outputs(z, capture, settings, dtype, topk_dtype)
+                            if not build.arrays:
+                                build.allocate(cls._new_meta(settings, outputs, list(z.shape[1:])))
+                            build.write(view, pos, outputs)
+                            pos += len(index)
+                            bar.advance(len(index))
+                            if pos % build.block_rows == 0 or pos == n:
+                                build.complete(view, (pos - 1) // build.block_rows)
+        meta = build.meta
         meta["rows_done"] = n * k_views
         meta["samples_done"] = n
         return meta
