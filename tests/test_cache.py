@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 from time import time_ns
 
 import numpy as np
@@ -745,3 +746,31 @@ def test_hidden_labels_do_not_change_the_cache(tmp_path):
     x2[0, 0] += 1.0
     with pytest.raises(ValueError, match="dataset differs"):
         TeacherCache.open(tmp_path / "c", dataset=IndexedDataset(TensorDataset(x2, y)))
+
+
+def test_unreadable_partial_header_or_record_is_rebuilt(tmp_path, data, caplog):
+    common = {"batch_size": BS, "checkpoint_every": 1}
+    path = tmp_path / "c"
+    TeacherCache.build(TinyNet(), data, tmp_path / "fresh", **common)
+
+    with pytest.raises(RuntimeError):
+        TeacherCache.build(CrashingNet(4), data, path, **common)
+    file = tmp_path / ".c.partial" / "logits.npy"
+    raw = bytearray(file.read_bytes())
+    raw[10:20] = b"garbage!!!"  # inside the .npy header
+    file.write_bytes(bytes(raw))
+    teacher = TinyNet()
+    with caplog.at_level("INFO", logger="kdkit.cache"):
+        TeacherCache.build(teacher, data, path, **common)
+    assert teacher.calls == 5 and "3 block(s) failed verification" in caplog.text
+    _same_bytes(path, tmp_path / "fresh")
+
+    shutil.rmtree(path)
+    with pytest.raises(RuntimeError):
+        TeacherCache.build(CrashingNet(4), data, path, **common)
+    (tmp_path / ".c.partial" / "meta.json.partial").write_text('{"settings": ')
+    teacher = TinyNet()
+    with pytest.warns(UserWarning, match="progress record meta.json.partial is unreadable"):
+        TeacherCache.build(teacher, data, path, **common)
+    assert teacher.calls == 5
+    _same_bytes(path, tmp_path / "fresh")

@@ -30,6 +30,7 @@ PARTIAL_META = "meta.json.partial"
 logger = logging.getLogger(__name__)
 
 Checksums = dict[str, str]
+_ARRAY_KEYS = {"file", "dtype", "shape", "bytes"}
 
 
 class PartialBuild:
@@ -183,10 +184,15 @@ class PartialBuild:
             len(b) for b in build.blocks
         ]:
             return None
-        build.meta = state.get("meta") or {}
-        arrays = build.meta.get("arrays")
-        if not isinstance(arrays, dict) or not arrays:
+        meta = state.get("meta")
+        arrays = meta.get("arrays") if isinstance(meta, dict) else None
+        if not arrays:
             return build  # stopped before the first batch was stored: nothing to trust
+        if not isinstance(arrays, dict) or not all(
+            isinstance(info, dict) and _ARRAY_KEYS <= info.keys() for info in arrays.values()
+        ):
+            return None
+        build.meta = meta
         build.arrays = {name: build._reopen(info) for name, info in arrays.items()}
         failed = []
         for view, sums in enumerate(blocks):
@@ -210,8 +216,8 @@ class PartialBuild:
             arr = np.lib.format.open_memmap(file, mode="r+")
             if arr.shape == tuple(info["shape"]) and arr.dtype == np.dtype(info["dtype"]):
                 return arr
-        except (OSError, ValueError, SyntaxError):
-            pass
+        except Exception:  # a damaged header fails in many ways (OSError, tokenize, eval)
+            pass  # nothing in it is trusted: it is created anew and every block re-computed
         return self._create(info)
 
     def _log_resume(self, failed: list[tuple[int, int]]) -> None:

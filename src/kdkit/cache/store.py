@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -585,38 +585,47 @@ class TeacherCache:
         with BuildProgress(total, progress, label) as bar:
             for view, runs in todo.items():
                 for start, stop in runs:
-                    with _at_view(dataset, view):
-                        loader = DataLoader(
-                            dataset,
-                            batch_size=settings["batch_size"],
-                            sampler=range(start, stop),
-                            num_workers=num_workers,
-                        )
-                        pos = start
-                        for batch in loader:
-                            x, index = batch[0], batch[2]
-                            expect = torch.arange(pos, pos + len(index))
-                            if not torch.equal(torch.as_tensor(index).long().cpu(), expect):
-                                raise ValueError(
-                                    "TeacherCache.build: the dataset's index element does not "
-                                    f"match the sample position (expected {pos}.."
-                                    f"{pos + len(index) - 1}, got {index.tolist()[:8]}...); "
-                                    f"{_WRAP_HINT}"
-                                )
-                            if capture is not None:
-                                capture.clear()
-                            with torch.no_grad():
-                                out = call_model(teacher, to_device(x, device))
-                            z = select_logits(out).detach()
-                            outputs = cls._outputs(z, capture, settings, dtype, topk_dtype)
-                            if not build.arrays:
-                                build.allocate(cls._new_meta(settings, outputs, list(z.shape[1:])))
-                            build.write(view, pos, outputs)
-                            pos += len(index)
-                            bar.advance(len(index))
-                            if pos % build.block_rows == 0 or pos == n:
-                                build.complete(view, (pos - 1) // build.block_rows)
+                    for pos, x in _batches(dataset, view, start, stop, settings, num_workers):
+                        if capture is not None:
+                            capture.clear()
+                        with torch.no_grad():
+                            out = call_model(teacher, to_device(x, device))
+                        z = select_logits(out).detach()
+                        outputs = cls._outputs(z, capture, settings, dtype, topk_dtype)
+                        if not build.arrays:
+                            build.allocate(cls._new_meta(settings, outputs, list(z.shape[1:])))
+                        build.write(view, pos, outputs)
+                        end = pos + len(z)
+                        bar.advance(len(z))
+                        if end % build.block_rows == 0 or end == n:
+                            build.complete(view, (end - 1) // build.block_rows)
         meta = build.meta
         meta["rows_done"] = n * k_views
         meta["samples_done"] = n
         return meta
+
+
+def _batches(
+    dataset: Dataset, view: int, start: int, stop: int, settings: dict, num_workers: int
+) -> Iterator[tuple[int, Any]]:
+    """``(position of the first sample, inputs)`` of samples ``start .. stop - 1`` at ``view``,
+    batch by batch, in order; refuses a dataset whose index element is not the position."""
+    with _at_view(dataset, view):
+        loader = DataLoader(
+            dataset,
+            batch_size=settings["batch_size"],
+            sampler=range(start, stop),
+            num_workers=num_workers,
+        )
+        pos = start
+        for batch in loader:
+            x, index = batch[0], batch[2]
+            expect = torch.arange(pos, pos + len(index))
+            if not torch.equal(torch.as_tensor(index).long().cpu(), expect):
+                raise ValueError(
+                    "TeacherCache.build: the dataset's index element does not match the sample "
+                    f"position (expected {pos}..{pos + len(index) - 1}, got "
+                    f"{index.tolist()[:8]}...); {_WRAP_HINT}"
+                )
+            yield pos, x
+            pos += len(index)
