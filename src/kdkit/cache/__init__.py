@@ -16,6 +16,10 @@ of a batch of indices touches only those rows. Under DDP each rank therefore rea
 pages of its own samples: open the same cache on every rank (read-only, no locking needed) and
 call ``teacher_output(index)`` with the indices of the rank's batch. Build it on one rank only.
 
+A build writes into ``.<name>.partial/`` next to ``path`` and renames it into place when done;
+an interrupted build resumes from the blocks whose recorded checksums still match
+(:mod:`kdkit.cache.partial`).
+
 A cache is only valid for the teacher weights, the data and the transform it was built from:
 ``meta.json`` holds a fingerprint of each, and :meth:`TeacherCache.open` refuses a mismatch and
 names which part differs. With random augmentation the cache only works through
