@@ -66,6 +66,22 @@ FEATURE_LAYERS = ("block2", "block3")
 SECTIONS = ("logits", "features")
 
 
+def hand_kd(z_s: torch.Tensor, z_t: torch.Tensor, T: float = TEMPERATURE) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batchmean, written by hand."""
+    return (T * T) * F.kl_div(
+        F.log_softmax(z_s / T, dim=-1),
+        F.log_softmax(z_t / T, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def setup(mode: str, seed: int = 0) -> dict[str, Any]:
     """Models, batches and the two step functions."""
     batch = pick(mode, 16, 64, 64)
@@ -84,28 +100,17 @@ def setup(mode: str, seed: int = 0) -> dict[str, Any]:
     distiller = Distiller(s_kd, t_kd, [Term(KLDivLoss(TEMPERATURE))])
     distiller.train()
     opt_kd = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
-    T = TEMPERATURE
 
     def hand_step(x: torch.Tensor) -> None:
         t_hand.eval()
         with torch.no_grad():
             z_t = t_hand(x)
         z_s = s_hand(x)
-        loss = (T * T) * F.kl_div(
-            F.log_softmax(z_s / T, dim=-1),
-            F.log_softmax(z_t / T, dim=-1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        opt_hand.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_hand.step()
+        loss = hand_kd(z_s, z_t)
+        sgd_step(opt_hand, loss)
 
     def kd_step(x: torch.Tensor) -> None:
-        out = distiller(x)
-        opt_kd.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt_kd.step()
+        sgd_step(opt_kd, distiller(x).loss)
 
     return {
         "batches": batches,
@@ -171,7 +176,6 @@ def setup_features(mode: str, seed: int = 0) -> dict[str, Any]:
     for name in layers:  # registered once, for the whole run
         s_hand.get_submodule(name).register_forward_hook(keep(s_feats, name))
         t_hand.get_submodule(name).register_forward_hook(keep(t_feats, name))
-    T = TEMPERATURE
 
     def attention(f: torch.Tensor) -> torch.Tensor:
         return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
@@ -180,12 +184,7 @@ def setup_features(mode: str, seed: int = 0) -> dict[str, Any]:
         with torch.no_grad():
             z_t = t_hand(x)
         z_s = s_hand(x)
-        kd = (T * T) * F.kl_div(
-            F.log_softmax(z_s / T, dim=-1),
-            F.log_softmax(z_t / T, dim=-1),
-            reduction="batchmean",
-            log_target=True,
-        )
+        kd = hand_kd(z_s, z_t)
         mse = sum(
             F.mse_loss(a(s_feats[n]), t_feats[n]) for a, n in zip(adapters, layers, strict=True)
         ) / len(layers)
@@ -196,15 +195,10 @@ def setup_features(mode: str, seed: int = 0) -> dict[str, Any]:
 
     def hand_step(x: torch.Tensor) -> None:
         loss = hand_loss(x)
-        opt_hand.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_hand.step()
+        sgd_step(opt_hand, loss)
 
     def kd_step(x: torch.Tensor) -> None:
-        out = distiller(x)
-        opt_kd.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt_kd.step()
+        sgd_step(opt_kd, distiller(x).loss)
 
     # Same weights, same batch, same losses: the first losses must agree (before any step).
     with torch.no_grad():
