@@ -8,11 +8,22 @@ settings) against the same frozen teacher on the same pre-built batches:
 * ``hand``: teacher forward in eval mode under ``no_grad``, student forward,
   ``T^2 * kl_div(log_softmax(z_s / T), log_softmax(z_t / T), batchmean)``, backward, step.
 
+A second pair measures a step with feature terms (issue 7, section 5): a 3-block CNN teacher
+(width 48) and student (width 16), logit KD + MSE on two hooked layers through 1x1-conv adapters
++ attention transfer on the same two layers:
+
+* ``kdkit``: ``Distiller(student, teacher, [Term(KLDivLoss(T)), Term(MSEHiddenStatesLoss(),
+  student=layers, teacher=layers, adapter="conv"), Term(AttentionLoss(), student=layers,
+  teacher=layers)], example_input=x)``;
+* ``hand``: forward hooks registered ONCE on both models, two hand-made ``nn.Conv2d(c_s, c_t,
+  1)`` adapters (initialised like the Distiller's), the same three losses in plain torch.
+
 One repetition is one training step; the variants alternate step by step (so both see the
 same machine load) and the reported ratio is the median of the per-pair ratios kdkit / hand.
 ``--profile`` adds a torch.profiler account of the ops that only the Distiller runs.
 
-    python benchmarks/overhead.py [--quick | --smoke] [--profile] [--json out.json]
+    python benchmarks/overhead.py [--quick | --smoke] [--only logits|features] [--profile]
+                                  [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,11 +56,30 @@ from common import (  # noqa: E402
 )
 
 from kdkit import Distiller, Term  # noqa: E402
-from kdkit.losses import KLDivLoss  # noqa: E402
+from kdkit.losses import AttentionLoss, KLDivLoss, MSEHiddenStatesLoss  # noqa: E402
 from kdkit.models import create_model  # noqa: E402
 
 TEMPERATURE = 4.0
 GOAL = 1.03
+FEATURE_GOAL = 1.05
+FEATURE_LAYERS = ("block2", "block3")
+SECTIONS = ("logits", "features")
+
+
+def hand_kd(z_s: torch.Tensor, z_t: torch.Tensor, T: float = TEMPERATURE) -> torch.Tensor:
+    """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batchmean, written by hand."""
+    return (T * T) * F.kl_div(
+        F.log_softmax(z_s / T, dim=-1),
+        F.log_softmax(z_t / T, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+
+
+def sgd_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def setup(mode: str, seed: int = 0) -> dict[str, Any]:
@@ -69,28 +100,17 @@ def setup(mode: str, seed: int = 0) -> dict[str, Any]:
     distiller = Distiller(s_kd, t_kd, [Term(KLDivLoss(TEMPERATURE))])
     distiller.train()
     opt_kd = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
-    T = TEMPERATURE
 
     def hand_step(x: torch.Tensor) -> None:
         t_hand.eval()
         with torch.no_grad():
             z_t = t_hand(x)
         z_s = s_hand(x)
-        loss = (T * T) * F.kl_div(
-            F.log_softmax(z_s / T, dim=-1),
-            F.log_softmax(z_t / T, dim=-1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        opt_hand.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_hand.step()
+        loss = hand_kd(z_s, z_t)
+        sgd_step(opt_hand, loss)
 
     def kd_step(x: torch.Tensor) -> None:
-        out = distiller(x)
-        opt_kd.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt_kd.step()
+        sgd_step(opt_kd, distiller(x).loss)
 
     return {
         "batches": batches,
@@ -107,45 +127,159 @@ def setup(mode: str, seed: int = 0) -> dict[str, Any]:
     }
 
 
-def run(mode: str = "quick", threads: int | None = None, profile: bool = False) -> dict[str, Any]:
-    threads = set_threads(threads)
-    env = setup(mode)
-    # One step per repetition, alternating kdkit / hand: adjacent steps see the same machine
-    # load, so the median of the per-pair ratios stays stable on a shared, busy machine.
-    steps = 1
-    repeats = pick(mode, 4, 150, 400)
+def setup_features(mode: str, seed: int = 0) -> dict[str, Any]:
+    """The feature step: logit KD + MSE through 1x1-conv adapters + attention transfer."""
+    batch = pick(mode, 16, 64, 64)
+    size = pick(mode, 8, 16, 16)
+    t_width, s_width = pick(mode, 8, 48, 48), pick(mode, 4, 16, 16)
+    torch.manual_seed(seed)
+    teacher = create_model("small_cnn", 10, width=t_width)
+    student = create_model("small_cnn", 10, width=s_width)
+    batches = [torch.randn(batch, 3, size, size) for _ in range(4)]
+    layers = list(FEATURE_LAYERS)
+
+    s_kd = copy.deepcopy(student).train()
+    t_kd = copy.deepcopy(teacher)
+    distiller = Distiller(
+        s_kd,
+        t_kd,
+        [
+            Term(KLDivLoss(TEMPERATURE)),
+            Term(MSEHiddenStatesLoss(), student=layers, teacher=layers, adapter="conv"),
+            Term(AttentionLoss(), student=layers, teacher=layers),
+        ],
+        example_input=batches[0],
+    )
+    distiller.train()
+    opt_kd = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
+
+    s_hand = copy.deepcopy(student).train()
+    t_hand = copy.deepcopy(teacher).requires_grad_(False).eval()
+    # The same 1x1 convs as the Distiller's adapters (same shapes, same initial weights).
+    adapters = nn.ModuleList(
+        nn.Conv2d(s_width * 2**i, t_width * 2**i, kernel_size=1) for i in (1, 2)
+    )
+    for i, adapter in enumerate(adapters):
+        adapter.load_state_dict(distiller.adapters[f"mse_hidden_states__{i}"].conv.state_dict())
+    opt_hand = torch.optim.SGD(
+        [*s_hand.parameters(), *adapters.parameters()], lr=0.01, momentum=0.9
+    )
+    s_feats: dict[str, torch.Tensor] = {}
+    t_feats: dict[str, torch.Tensor] = {}
+
+    def keep(store: dict[str, torch.Tensor], name: str) -> Any:
+        def hook(_module: nn.Module, _args: Any, output: torch.Tensor) -> None:
+            store[name] = output
+
+        return hook
+
+    for name in layers:  # registered once, for the whole run
+        s_hand.get_submodule(name).register_forward_hook(keep(s_feats, name))
+        t_hand.get_submodule(name).register_forward_hook(keep(t_feats, name))
+
+    def attention(f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(f.pow(2).mean(1).flatten(1), dim=1)
+
+    def hand_loss(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z_t = t_hand(x)
+        z_s = s_hand(x)
+        kd = hand_kd(z_s, z_t)
+        mse = sum(
+            F.mse_loss(a(s_feats[n]), t_feats[n]) for a, n in zip(adapters, layers, strict=True)
+        ) / len(layers)
+        at = sum(
+            (attention(s_feats[n]) - attention(t_feats[n])).pow(2).mean() for n in layers
+        ) / len(layers)
+        return kd + mse + at
+
+    def hand_step(x: torch.Tensor) -> None:
+        loss = hand_loss(x)
+        sgd_step(opt_hand, loss)
+
+    def kd_step(x: torch.Tensor) -> None:
+        sgd_step(opt_kd, distiller(x).loss)
+
+    # Same weights, same batch, same losses: the first losses must agree (before any step).
+    with torch.no_grad():
+        first = {"hand": float(hand_loss(batches[0])), "kdkit": float(distiller(batches[0]).loss)}
+    return {
+        "batches": batches,
+        "hand_step": hand_step,
+        "kd_step": kd_step,
+        "distiller": distiller,
+        "first_loss": first,
+        "config": {
+            "teacher": f"small_cnn(width={t_width})",
+            "student": f"small_cnn(width={s_width})",
+            "input": [batch, 3, size, size],
+            "loss": f"KLDivLoss(T={TEMPERATURE}) + MSEHiddenStatesLoss on {layers} through "
+            "1x1-conv adapters + AttentionLoss on the same layers",
+            "optimizer": "SGD(lr=0.01, momentum=0.9)",
+        },
+    }
+
+
+def measure(env: dict[str, Any], repeats: int, goal: float) -> dict[str, Any]:
+    """Interleaved kdkit / hand steps (one step per repetition) and their ratio."""
     batches = env["batches"]
 
     def many(step):
         count = [0]
 
         def go() -> None:
-            for _ in range(steps):
-                step(batches[count[0] % len(batches)])
-                count[0] += 1
+            step(batches[count[0] % len(batches)])
+            count[0] += 1
 
         return go
 
+    # One step per repetition, alternating kdkit / hand: adjacent steps see the same machine
+    # load, so the median of the per-pair ratios stays stable on a shared, busy machine.
     times = interleaved(
         {"hand": many(env["hand_step"]), "kdkit": many(env["kd_step"])}, repeats, warmup=3
     )
-    per_step = {k: [t / steps for t in v] for k, v in times.items()}
-    ratio = paired_ratio(per_step["kdkit"], per_step["hand"])
+    ratio = paired_ratio(times["kdkit"], times["hand"])
+    return {
+        "config": env["config"],
+        "repeats": repeats,
+        "step_s": {k: summary(v) for k, v in times.items()},
+        "ratio_kdkit_over_hand": ratio,
+        "floor_ratio_kdkit_over_hand": floor_ratio(times["kdkit"], times["hand"]),
+        "goal": goal,
+        "meets_goal": ratio["median"] <= goal,
+    }
+
+
+def run(
+    mode: str = "quick",
+    threads: int | None = None,
+    profile: bool = False,
+    only: str | None = None,
+) -> dict[str, Any]:
+    """The logit step (top-level keys) and the feature step (``result["features"]``)."""
+    if only is not None and only not in SECTIONS:
+        raise ValueError(f"only must be one of {SECTIONS} or None, got {only!r}")
+    threads = set_threads(threads)
+    repeats = pick(mode, 4, 150, 400)
+    profile_steps = pick(mode, 2, 10, 20)
     result: dict[str, Any] = {
         "benchmark": "overhead",
         "mode": mode,
         "threads": threads,
-        "config": env["config"],
-        "repeats": repeats,
-        "step_s": {k: summary(v) for k, v in per_step.items()},
-        "ratio_kdkit_over_hand": ratio,
-        "floor_ratio_kdkit_over_hand": floor_ratio(per_step["kdkit"], per_step["hand"]),
-        "goal": GOAL,
-        "meets_goal": ratio["median"] <= GOAL,
         "speed_options_available": sorted(distiller_speed_options()),
     }
-    if profile:
-        result["profile"] = profile_difference(env, pick(mode, 2, 10, 20))
+    if only in (None, "logits"):
+        env = setup(mode)
+        result.update(measure(env, repeats, GOAL))
+        if profile:
+            result["profile"] = profile_difference(env, profile_steps)
+    if only in (None, "features"):
+        env = setup_features(mode)
+        features = measure(env, repeats, FEATURE_GOAL)
+        features["first_loss"] = env["first_loss"]
+        if profile:
+            features["profile"] = profile_difference(env, profile_steps)
+        result["features"] = features
     return result
 
 
@@ -184,22 +318,28 @@ def profile_difference(env: dict[str, Any], steps: int) -> dict[str, Any]:
     }
 
 
-def report(result: dict[str, Any]) -> str:
-    r = result["ratio_kdkit_over_hand"]
+def _report_section(r: dict[str, Any], threads: int) -> list[str]:
+    c = r["config"]
     lines = [
-        f"- models: teacher {result['config']['teacher']}, student {result['config']['student']}, "
-        f"input {result['config']['input']}, {result['config']['loss']}, "
-        f"{result['config']['optimizer']}, {result['threads']} torch threads",
-        f"- hand-written step: {fmt_ms(result['step_s']['hand'])}",
-        f"- kdkit Distiller step: {fmt_ms(result['step_s']['kdkit'])}",
-        f"- **ratio kdkit / hand: {fmt_ratio(r)}** (goal <= {result['goal']}: "
-        f"{'met' if result['meets_goal'] else 'NOT met'})",
-        f"- ratio of the fastest steps (least disturbed by other load): min "
-        f"{result['floor_ratio_kdkit_over_hand']['min']:.3f}, first quartile "
-        f"{result['floor_ratio_kdkit_over_hand']['q1']:.3f}",
+        f"- models: teacher {c['teacher']}, student {c['student']}, input {c['input']}, "
+        f"{c['loss']}, {c['optimizer']}, {threads} torch threads",
     ]
-    if "profile" in result:
-        prof = result["profile"]
+    if "first_loss" in r:
+        lines.append(
+            f"- first-step loss (same weights, same batch): hand {r['first_loss']['hand']:.6f}, "
+            f"kdkit {r['first_loss']['kdkit']:.6f}"
+        )
+    lines += [
+        f"- hand-written step: {fmt_ms(r['step_s']['hand'])}",
+        f"- kdkit Distiller step: {fmt_ms(r['step_s']['kdkit'])}",
+        f"- **ratio kdkit / hand: {fmt_ratio(r['ratio_kdkit_over_hand'])}** (goal <= "
+        f"{r['goal']}: {'met' if r['meets_goal'] else 'NOT met'})",
+        f"- ratio of the fastest steps (least disturbed by other load): min "
+        f"{r['floor_ratio_kdkit_over_hand']['min']:.3f}, first quartile "
+        f"{r['floor_ratio_kdkit_over_hand']['q1']:.3f}",
+    ]
+    if "profile" in r:
+        prof = r["profile"]
         lines.append(
             f"- torch.profiler, ops per step: hand {prof['hand_ops_per_step']:.0f}, kdkit "
             f"{prof['kdkit_ops_per_step']:.0f}; the ops only kdkit runs cost "
@@ -209,14 +349,31 @@ def report(result: dict[str, Any]) -> str:
                 for k, v in list(prof["extra_ops"].items())[:8]
             )
         )
+    return lines
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = []
+    if "ratio_kdkit_over_hand" in result:
+        lines += ["Logit step (KD only):", "", *_report_section(result, result["threads"])]
+    if "features" in result:
+        if lines:
+            lines.append("")
+        lines += [
+            "Feature step (KD + MSE through 1x1-conv adapters + attention transfer, 2 layers; "
+            "the hand-written step registers its hooks once):",
+            "",
+            *_report_section(result["features"], result["threads"]),
+        ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = add_mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown")
+    parser.add_argument("--only", choices=SECTIONS, default=None, help="measure one step only")
     args = parser.parse_args(argv)
-    result = run(mode_of(args), args.threads, args.profile)
+    result = run(mode_of(args), args.threads, args.profile, args.only)
     write_json(result, args.json)
     print(report(result), file=sys.stderr)
     return result

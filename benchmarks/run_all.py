@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 from common import distiller_speed_options, machine_info  # noqa: E402
 
 BENCHMARKS = {
-    "overhead": "1. Distiller step overhead vs a hand-written loop",
+    "overhead": "1. Distiller step overhead vs a hand-written loop (logit step, feature step)",
     "cache_speed": "2. Cached teacher vs online teacher vs student only (epoch time)",
     "vs_torchdistill": "3. kdkit vs torchdistill (same KD step)",
     "topk_cache": "4. Top-k teacher cache: bytes per sample vs student accuracy",

@@ -59,6 +59,26 @@ def test_overhead_smoke() -> None:
     assert "ratio kdkit / hand" in importlib.import_module("overhead").report(result)
 
 
+def test_overhead_feature_step_smoke() -> None:
+    overhead = importlib.import_module("overhead")
+    result = overhead.run("smoke", profile=True, only="features")
+    _check_finite(result)
+    assert "ratio_kdkit_over_hand" not in result  # the logit step was not measured
+    features = result["features"]
+    _positive_summary(features["step_s"]["hand"])
+    _positive_summary(features["step_s"]["kdkit"])
+    _positive_summary(features["ratio_kdkit_over_hand"])
+    # Same weights (adapters copied from the Distiller's), same batch, same three losses.
+    first = features["first_loss"]
+    assert first["kdkit"] == pytest.approx(first["hand"], rel=1e-5, abs=1e-6)
+    # The Distiller runs more ops (checks, per-step hooks) but never fewer than the hand step.
+    assert features["profile"]["kdkit_ops_per_step"] >= features["profile"]["hand_ops_per_step"]
+    text = overhead.report(result)
+    assert "Feature step" in text and "Logit step" not in text
+    with pytest.raises(ValueError, match="only must be one of"):
+        overhead.run("smoke", only="feature")
+
+
 def test_cache_speed_smoke() -> None:
     result = importlib.import_module("cache_speed").run("smoke")
     _check_finite(result)
