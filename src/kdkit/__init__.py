@@ -3,7 +3,8 @@
 from kdkit import functional, losses
 from kdkit.cache import SeededViews, TeacherCache
 from kdkit.capture import FeatureCapture, list_modules, map_layers, pair_layers
-from kdkit.distiller import Distiller, DistillerOutput, Term
+from kdkit.distiller import Distiller
+from kdkit.term import DistillerOutput, Term
 
 __all__ = [
     "Distiller",

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kdkit.capture import pair_layers
-from kdkit.distiller import Term
+from kdkit.term import Term
 
 METHODS_DIR = Path(__file__).resolve().parent / "configs" / "distill"
 

@@ -168,7 +168,7 @@ class DistillationModule(_ClassificationModule):
         logits = super().validation_step(batch, batch_idx)
         if self.distiller.teachers:
             x, _, _ = unpack_batch(batch)
-            t_pred = self.distiller.teacher_logits(x).argmax(-1)
+            t_pred = self.distiller.compute_teacher_logits(x).argmax(-1)
             self.val_agreement.update(logits, t_pred)
             self.log("val/agreement", self.val_agreement)
         return logits

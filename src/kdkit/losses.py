@@ -65,6 +65,7 @@ class _TokenLogitLoss(nn.Module):
     """
 
     needs_target: bool = False
+    takes_mask: bool = True
 
     def __init__(self, ignore_index: int | None = None) -> None:
         super().__init__()
@@ -258,6 +259,7 @@ class MSEHiddenStatesLoss(nn.Module):
     """
 
     needs_target: bool = False
+    takes_mask: bool = True
 
     def __init__(
         self,
@@ -333,6 +335,7 @@ class CosineHiddenStatesLoss(nn.Module):
     """
 
     needs_target: bool = False
+    takes_mask: bool = True
 
     def forward(
         self, student: HiddenStates, teacher: HiddenStates, *, mask: Tensor | None = None

@@ -1,0 +1,405 @@
+"""What a term of a :class:`kdkit.Distiller` reads and how it is weighted, and what a step returns.
+
+A :class:`Term` is a loss with a weight and the names of what it reads. When the Distiller is
+built, each term is bound once (:func:`bind_terms`) to a :class:`BoundTerm`: its loss as a
+:class:`~kdkit.contract.DistillationLoss` (a plain callable is wrapped in :class:`CallableLoss`,
+whose contract comes from the Term's fields) and the flags a step reads, so that a step only
+looks them up.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+from kdkit.adapters import ADAPTER_KINDS, build_adapter, probe_shapes
+from kdkit.capture import resolve_module
+from kdkit.contract import DistillationLoss
+
+LOGITS = "logits"
+
+Ensemble = Callable[[list[Tensor], "float | None"], Tensor]
+
+
+@dataclass
+class Term:
+    """One weighted loss term of a :class:`~kdkit.Distiller`, and what it reads.
+
+    The Distiller reads the loss's declarations (:class:`kdkit.contract.DistillationLoss`), never
+    its signature, and calls it as ``loss(student, teacher, target=..., mask=...,
+    num_items_in_batch=...)`` (each keyword only where the term reads it), or as
+    ``loss(student, target, mask=...)`` when the loss reads no teacher.
+
+    Any other callable (a plain function, ``torch.nn.CrossEntropyLoss()``) works too: the
+    Distiller wraps it in :class:`CallableLoss`, whose contract comes from these fields:
+    it reads the teacher unless ``teacher=None`` (then it is called ``loss(student, target)``),
+    gets ``target=`` when ``target=True`` (or the callable has ``needs_target = True``), gets
+    ``mask=`` only when ``mask=True`` (or it has ``takes_mask = True``), and is ensembled over
+    several teachers at its ``temperature`` attribute if it has one. It never gets
+    ``num_items_in_batch`` (a step given one refuses it; subclass ``DistillationLoss`` instead).
+
+    Args:
+        loss: a :class:`~kdkit.contract.DistillationLoss` or any callable returning a scalar.
+        weight: the term's weight in the total loss (>= 0). The other fields are keyword-only.
+        student: ``"logits"`` or a module path (or a list of paths) of the student to read.
+        teacher: ``"logits"``, a module path (or list of paths) of the teacher, or None for a term
+            that only reads the student and the labels (e.g. cross-entropy on hard labels).
+        name: the key under which the term is logged; derived from the loss class when None.
+        adapter: ``None`` (features are compared as they are), ``"identity"``, ``"linear"``,
+            ``"conv"`` or ``"auto"``: a learned student-side projection to the teacher's shape.
+            Anything but None or identity needs ``example_input`` on the Distiller to probe shapes.
+        target: whether the loss also takes the labels; defaults to ``loss.needs_target``.
+        teacher_index: which teacher a feature term reads when there are several (default 0).
+        mask: whether the term gets the step's token ``mask=``; None follows the loss's
+            ``takes_mask``, False opts out, True asks for it (refused for a loss that declares
+            ``takes_mask = False``).
+    """
+
+    loss: Callable[..., Tensor]
+    weight: float = 1.0
+    _: KW_ONLY
+    student: str | Sequence[str] = LOGITS
+    teacher: str | Sequence[str] | None = LOGITS
+    name: str | None = None
+    adapter: str | None = None
+    target: bool | None = None
+    teacher_index: int = 0
+    mask: bool | None = None
+
+    @property
+    def student_paths(self) -> list[str]:
+        return _paths(self.student)
+
+    @property
+    def teacher_paths(self) -> list[str]:
+        return _paths(self.teacher)
+
+    @property
+    def reads_target(self) -> bool:
+        return (
+            bool(getattr(self.loss, "needs_target", False)) if self.target is None else self.target
+        )
+
+
+@dataclass
+class DistillerOutput:
+    """What one Distiller step returns."""
+
+    loss: Tensor
+    terms: dict[str, Tensor]
+    student_output: Any
+    logits: Tensor
+    teacher_logits: list[Tensor] = field(default_factory=list)
+
+
+class StepInputs(NamedTuple):
+    """What the terms of one step read."""
+
+    logits: Tensor
+    student_features: Mapping[str, Tensor]
+    teacher_logits: list[Tensor]
+    teacher_features: list[dict[str, Tensor]]
+    target: Tensor | None
+    mask: Tensor | None
+    num_items_in_batch: int | Tensor | None
+
+    @classmethod
+    def of(
+        cls,
+        logits: Tensor,
+        student_features: Mapping[str, Tensor],
+        teacher: tuple[list[Tensor], list[dict[str, Tensor]]],
+        target: Tensor | None,
+        mask: Tensor | None,
+        num_items_in_batch: int | Tensor | None,
+    ) -> StepInputs:
+        """The record, once the teachers are checked to predict the student's classes."""
+        for k, t in enumerate(teacher[0]):
+            if t.shape[-1] != logits.shape[-1]:
+                raise ValueError(
+                    f"teacher {k} predicts {t.shape[-1]} classes (logits shape {tuple(t.shape)}) "
+                    f"but the student predicts {logits.shape[-1]} (logits shape "
+                    f"{tuple(logits.shape)}); give both models the same number of classes."
+                )
+        return cls(logits, student_features, *teacher, target, mask, num_items_in_batch)
+
+
+class CallableLoss:
+    """A callable that is not a :class:`~kdkit.contract.DistillationLoss`, with the contract its
+    :class:`Term` declares (see there). Calls pass straight through; nothing is registered, so a
+    wrapped ``nn.Module`` keeps its place in the Distiller's ``losses`` and ``state_dict``."""
+
+    per_sample = False  # its mean cannot take a whole batch's normaliser
+
+    def __init__(self, fn: Callable[..., Tensor], term: Term) -> None:
+        self.fn = fn
+        self.needs_target = term.reads_target
+        self.reads_teacher = term.teacher is not None
+        self.takes_mask = bool(getattr(fn, "takes_mask", False)) if term.mask is None else term.mask
+        self.temperature: float | None = getattr(fn, "temperature", None)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.fn(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class BoundTerm:
+    """A term as a step runs it: its contract read once, at construction."""
+
+    name: str
+    term: Term
+    loss: DistillationLoss | CallableLoss
+    reads_teacher: bool
+    reads_target: bool
+    gets_mask: bool
+    gets_num_items: bool
+    on_logits: bool
+    # (student path, teacher path, adapter key or None) per compared layer
+    layers: tuple[tuple[str, str, str | None], ...]
+
+    @property
+    def wrapped(self) -> bool:
+        return isinstance(self.loss, CallableLoss)
+
+    def value(
+        self, step: StepInputs, ensemble: Ensemble, adapters: Mapping[str, nn.Module]
+    ) -> Tensor:
+        """The term's unweighted value in a step; ``ensemble(teacher_logits, temperature)``
+        makes one teacher of several, ``adapters`` are the Distiller's by key."""
+        if self.on_logits:
+            student: Any = step.logits
+            teacher: Any = None
+            if self.reads_teacher:
+                teacher = ensemble(step.teacher_logits, self.loss.temperature)
+        else:
+            student, teacher = self._features(step, adapters)
+        kwargs: dict[str, Any] = {}
+        if self.gets_mask and step.mask is not None:
+            kwargs["mask"] = step.mask
+        if step.num_items_in_batch is not None:
+            if self.gets_num_items:
+                kwargs["num_items_in_batch"] = step.num_items_in_batch
+            elif self.wrapped:
+                raise ValueError(
+                    f"term {self.name!r} wraps {type(self.term.loss).__name__}, which is not a "
+                    "kdkit.contract.DistillationLoss, so it cannot take num_items_in_batch (its "
+                    "mean would cover this call only); use a kdkit loss or a DistillationLoss "
+                    "subclass, or drop num_items_in_batch."
+                )
+        args = [student, teacher] if self.reads_teacher else [student]
+        if self.reads_target:
+            if step.target is None:
+                raise ValueError(
+                    f"term {self.name!r} reads labels but target is None; call "
+                    "distiller(inputs, target)."
+                )
+            if self.reads_teacher:
+                kwargs["target"] = step.target
+            else:
+                args.append(step.target)
+        try:
+            return self.loss(*args, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"term {self.name!r}: {e}") from e
+
+    def _features(self, step: StepInputs, adapters: Mapping[str, nn.Module]) -> tuple[Any, Any]:
+        k = self.term.teacher_index
+        available = step.teacher_features[k] if k < len(step.teacher_features) else {}
+        s_vals, t_vals = [], []
+        for sp, tp, adapter in self.layers:
+            if tp not in available:
+                raise ValueError(
+                    f"term {self.name!r} reads teacher feature {tp!r}, which the teacher output "
+                    f"does not contain (it has {sorted(available)}); run the teacher online or "
+                    "cache that feature."
+                )
+            s = step.student_features[sp]
+            s_vals.append(adapters[adapter](s) if adapter is not None else s)
+            t_vals.append(available[tp])
+        if isinstance(self.term.student, str):
+            return s_vals[0], t_vals[0]
+        return s_vals, t_vals
+
+
+def name_terms(terms: Sequence[Term] | Mapping[str, Term]) -> dict[str, Term]:
+    """Terms keyed by their log name: the mapping key, ``term.name`` or the loss's class name."""
+    items = list(terms.items()) if isinstance(terms, Mapping) else [(None, t) for t in terms]
+    named: dict[str, Term] = {}
+    for key, term in items:
+        if not isinstance(term, Term):
+            raise TypeError(
+                f"terms must hold kdkit.Term objects, got {type(term).__name__}; wrap the "
+                "loss: Term(loss, weight=...)."
+            )
+        name = key or term.name or _default_name(term.loss)
+        base, i = name, 1
+        while name in named:
+            i += 1
+            name = f"{base}_{i}"
+        named[name] = term
+    if not named:
+        raise ValueError(
+            "Distiller needs at least one term, got none; e.g. "
+            "terms=[Term(KLDivLoss(temperature=4.0))]."
+        )
+    return named
+
+
+def bind_terms(terms: dict[str, Term]) -> list[BoundTerm]:
+    """Check every term and read its loss's contract once; refuse a set whose weights are all 0."""
+    bound = [_bind(name, term) for name, term in terms.items()]
+    if all(term.weight == 0 for term in terms.values()):
+        raise ValueError(
+            f"every term has weight 0 ({list(terms)}), so training would run with zero loss; "
+            "give at least one term a weight > 0."
+        )
+    return bound
+
+
+def _check_term(name: str, term: Term) -> None:
+    """The checks that need no model: weight, adapter kind, what the two sides read."""
+    w = term.weight
+    if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+        raise ValueError(
+            f"term {name!r} has weight {w!r}; weights must be finite numbers >= 0. "
+            "To turn a term off use weight=0."
+        )
+    if term.adapter is not None and term.adapter not in ADAPTER_KINDS:
+        allowed = ", ".join(map(repr, (None, *ADAPTER_KINDS)))
+        raise ValueError(f"term {name!r} has adapter {term.adapter!r}; allowed: {allowed}.")
+    if (term.student == LOGITS) != (term.teacher in (LOGITS, None)):
+        raise ValueError(
+            f"term {name!r} compares student {term.student!r} with teacher {term.teacher!r}; a "
+            "term reads logits on both sides or features on both sides."
+        )
+    sp, tp = term.student_paths, term.teacher_paths
+    if sp and len(sp) != len(tp):
+        raise ValueError(
+            f"term {name!r} pairs {len(sp)} student layers {sp} with {len(tp)} teacher layers "
+            f"{tp}; give the same number on both sides (kdkit.capture.map_layers builds such "
+            "pairs)."
+        )
+
+
+def feature_paths(bound: Sequence[BoundTerm]) -> tuple[list[str], dict[int, list[str]]]:
+    """The student module paths the terms read, and the teacher paths per teacher index (each
+    once, in term order)."""
+    student = list(dict.fromkeys(sp for b in bound for sp, _, _ in b.layers))
+    teacher: dict[int, list[str]] = {}
+    for b in bound:
+        paths = teacher.setdefault(b.term.teacher_index, [])
+        paths += [tp for _, tp, _ in b.layers if tp not in paths]
+    return student, teacher
+
+
+def check_paths(bound: Sequence[BoundTerm], student: nn.Module, teachers: list[nn.Module]) -> None:
+    """Every module path a term reads exists (the error lists close names), and every feature
+    term's ``teacher_index`` names a teacher."""
+    n = max(len(teachers), 1)
+    for b in bound:
+        k = b.term.teacher_index
+        if b.layers and not 0 <= k < n:
+            raise ValueError(
+                f"term {b.name!r} reads teacher_index={k} but there are {n} teacher(s); use an "
+                f"index in 0..{n - 1}."
+            )
+        for sp, tp, _ in b.layers:
+            resolve_module(student, sp)
+            if teachers:
+                resolve_module(teachers[k], tp)
+
+
+def build_adapters(
+    bound: Sequence[BoundTerm], student: nn.Module, teachers: list[nn.Module], example_input: Any
+) -> nn.ModuleDict:
+    """The learned adapters the terms ask for, keyed by :func:`adapter_key`, sized by probing
+    both models once with ``example_input`` and put on the student's device and dtype."""
+    adapters = nn.ModuleDict()
+    wanted = [b for b in bound if any(key for _, _, key in b.layers)]
+    if not wanted:
+        return adapters
+    if example_input is None:
+        raise ValueError(
+            f"terms {sorted(b.name for b in wanted)} ask for learned adapters, whose sizes are "
+            "probed with one dry-run forward; pass example_input=<one input batch> to Distiller."
+        )
+    if not teachers:
+        raise ValueError(
+            "adapters are sized by probing the teacher, but this Distiller has no teacher "
+            "module; build the Distiller with the teacher (or use adapter=None)."
+        )
+    for b in wanted:
+        term = b.term
+        s_shapes = probe_shapes(student, term.student_paths, example_input)
+        t_shapes = probe_shapes(teachers[term.teacher_index], term.teacher_paths, example_input)
+        for sp, tp, key in b.layers:
+            adapters[key] = build_adapter(
+                term.adapter,
+                s_shapes.get(sp),
+                t_shapes.get(tp),
+                student_name=f"student.{sp}",
+                teacher_name=f"teacher.{tp}",
+            )
+    like = next(student.parameters(), None)
+    return adapters if like is None else adapters.to(like.device, like.dtype)
+
+
+def _bind(name: str, term: Term) -> BoundTerm:
+    _check_term(name, term)
+    loss = term.loss
+    if isinstance(loss, DistillationLoss):
+        if term.mask and not loss.takes_mask:
+            raise ValueError(
+                f"term {name!r} asks for mask=True but {type(loss).__name__} declares "
+                "takes_mask=False; drop mask=True or use a loss that takes a mask."
+            )
+        if term.teacher is None and loss.reads_teacher:
+            raise ValueError(
+                f"term {name!r} has teacher=None but {type(loss).__name__} reads the teacher "
+                "(reads_teacher=True); drop teacher=None, or use a loss of the student alone "
+                "(e.g. kdkit.losses.CrossEntropyLoss)."
+            )
+        if not loss.reads_teacher and term.teacher_paths:
+            raise ValueError(
+                f"term {name!r} reads teacher layers {term.teacher_paths} but "
+                f"{type(loss).__name__} reads no teacher; set teacher=None."
+            )
+        gets_mask = loss.takes_mask if term.mask is None else term.mask
+        contract: DistillationLoss | CallableLoss = loss
+    else:
+        contract = CallableLoss(loss, term)
+        gets_mask = contract.takes_mask
+    reads_teacher = term.teacher is not None and contract.reads_teacher
+    adapted = term.adapter not in (None, "identity")  # "identity" needs no module
+    layers = tuple(
+        (sp, tp, f"{name}__{i}" if adapted else None)
+        for i, (sp, tp) in enumerate(zip(term.student_paths, term.teacher_paths, strict=True))
+    )
+    return BoundTerm(
+        name=name,
+        term=term,
+        loss=contract,
+        reads_teacher=reads_teacher,
+        reads_target=term.reads_target,
+        gets_mask=gets_mask,
+        gets_num_items=contract.per_sample,
+        on_logits=term.student == LOGITS,
+        layers=layers,
+    )
+
+
+def _paths(spec: str | Sequence[str] | None) -> list[str]:
+    if spec is None or spec == LOGITS:
+        return []
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
+def _default_name(loss: Callable[..., Tensor]) -> str:
+    cls = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", "term")
+    cls = cls.removesuffix("Loss") or cls
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", cls).lower()
