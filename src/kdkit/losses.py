@@ -68,6 +68,15 @@ def _as_list(states: HiddenStates, who: str) -> list[Tensor]:
     )
 
 
+def _options(loss: DistillationLoss, num_items_in_batch: Count) -> dict[str, object]:
+    """The functional call's keywords: the module's reduction; its arguments checked already."""
+    return {
+        "reduction": loss.reduction,
+        "num_items_in_batch": num_items_in_batch,
+        "validate_args": False,
+    }
+
+
 def _require_target(loss: nn.Module, target: Tensor | None, call: str) -> Tensor:
     if target is None:
         raise ValueError(
@@ -86,14 +95,18 @@ class _TokenLogitLoss(DistillationLoss):
 
     ``mask`` (bool, True = keep) and, with ``ignore_index`` set, ``target != ignore_index``
     select the tokens averaged over. Both are keyword-only, so labels can never be taken for a
-    mask.
+    mask. ``formula(student, teacher, *hyper_parameters, mask, ...)`` is the functional form.
     """
 
     takes_mask = True
+    formula: ClassVar[staticmethod]
 
     def __init__(self, ignore_index: int | None = None, *, reduction: str = "mean") -> None:
         super().__init__(reduction)
         self.ignore_index = ignore_index
+
+    def hyper_parameters(self) -> tuple[float, ...]:
+        return ()
 
     def forward(
         self,
@@ -104,12 +117,13 @@ class _TokenLogitLoss(DistillationLoss):
         mask: Tensor | None = None,
         num_items_in_batch: Count = None,
     ) -> Tensor:
-        return self.compute(student, teacher, self._mask(mask, target), num_items_in_batch)
-
-    def compute(
-        self, student: Tensor, teacher: Tensor, mask: Tensor | None, num_items_in_batch: Count
-    ) -> Tensor:
-        raise NotImplementedError
+        return type(self).formula(
+            student,
+            teacher,
+            *self.hyper_parameters(),
+            self._mask(mask, target),
+            **_options(self, num_items_in_batch),
+        )
 
     def _mask(self, mask: Tensor | None, target: Tensor | None) -> Tensor | None:
         if target is None:
@@ -130,6 +144,9 @@ class _KLFamilyLoss(_TokenLogitLoss):
         super().__init__(ignore_index, reduction=reduction)
         self.temperature = check_temperature(temperature)
 
+    def hyper_parameters(self) -> tuple[float, ...]:
+        return (self.temperature,)
+
     def extra_repr(self) -> str:
         return (
             f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
@@ -146,18 +163,7 @@ class KLDivLoss(_KLFamilyLoss):
     See :func:`kdkit.functional.kl_div`.
     """
 
-    def compute(
-        self, student: Tensor, teacher: Tensor, mask: Tensor | None, num_items_in_batch: Count
-    ) -> Tensor:
-        return KF.kl_div(
-            student,
-            teacher,
-            self.temperature,
-            mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
-        )
+    formula = staticmethod(KF.kl_div)
 
 
 class ReverseKLDivLoss(_KLFamilyLoss):
@@ -169,18 +175,7 @@ class ReverseKLDivLoss(_KLFamilyLoss):
     and gradients finite; see :func:`kdkit.functional.reverse_kl_div`.
     """
 
-    def compute(
-        self, student: Tensor, teacher: Tensor, mask: Tensor | None, num_items_in_batch: Count
-    ) -> Tensor:
-        return KF.reverse_kl_div(
-            student,
-            teacher,
-            self.temperature,
-            mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
-        )
+    formula = staticmethod(KF.reverse_kl_div)
 
 
 class GeneralizedJSDLoss(_TokenLogitLoss):
@@ -191,6 +186,8 @@ class GeneralizedJSDLoss(_TokenLogitLoss):
     ``beta = 0`` is forward KL, ``beta = 1`` reverse KL. Same inputs as :class:`KLDivLoss`.
     See :func:`kdkit.functional.generalized_jsd`.
     """
+
+    formula = staticmethod(KF.generalized_jsd)
 
     def __init__(
         self,
@@ -204,19 +201,8 @@ class GeneralizedJSDLoss(_TokenLogitLoss):
         self.beta = check_jsd_beta(beta)
         self.temperature = check_temperature(temperature)
 
-    def compute(
-        self, student: Tensor, teacher: Tensor, mask: Tensor | None, num_items_in_batch: Count
-    ) -> Tensor:
-        return KF.generalized_jsd(
-            student,
-            teacher,
-            self.beta,
-            self.temperature,
-            mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
-        )
+    def hyper_parameters(self) -> tuple[float, ...]:
+        return (self.beta, self.temperature)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
@@ -231,17 +217,7 @@ class MSELogitsLoss(_TokenLogitLoss):
     one model only is refused. See :func:`kdkit.functional.mse_logits`.
     """
 
-    def compute(
-        self, student: Tensor, teacher: Tensor, mask: Tensor | None, num_items_in_batch: Count
-    ) -> Tensor:
-        return KF.mse_logits(
-            student,
-            teacher,
-            mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
-        )
+    formula = staticmethod(KF.mse_logits)
 
 
 class CrossEntropyLoss(DistillationLoss):
@@ -269,9 +245,7 @@ class CrossEntropyLoss(DistillationLoss):
             logits,
             _require_target(self, target, "logits"),
             mask=mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
+            **_options(self, num_items_in_batch),
         )
 
 
@@ -307,9 +281,7 @@ class _LabeledSoftLoss(DistillationLoss):
             self.beta,
             self.temperature,
             mask=mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
+            **_options(self, num_items_in_batch),
         )
 
     def extra_repr(self) -> str:
@@ -502,9 +474,7 @@ class MSEHiddenStatesLoss(DistillationLoss):
             teacher_list,
             normalize=self.normalize,
             mask=mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
+            **_options(self, num_items_in_batch),
         )
 
     def extra_repr(self) -> str:
@@ -535,9 +505,7 @@ class CosineHiddenStatesLoss(DistillationLoss):
             _as_list(student, "student"),
             _as_list(teacher, "teacher"),
             mask=mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
+            **_options(self, num_items_in_batch),
         )
 
 
@@ -567,9 +535,7 @@ class AttentionLoss(DistillationLoss):
             _as_list(student, "student"),
             _as_list(teacher, "teacher"),
             p=self.p,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
+            **_options(self, num_items_in_batch),
         )
 
     def extra_repr(self) -> str:
@@ -689,9 +655,7 @@ class FitNetsLoss(DistillationLoss):
             [self.regressor(student)],
             [teacher],
             mask=mask,
-            reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
+            **_options(self, num_items_in_batch),
         )
 
     def extra_repr(self) -> str:
