@@ -59,6 +59,8 @@ def reduce(
         values = torch.where(keep, values, zero)
     if reduction == "none":
         return values
+    if reduction == "mean" and keep is None and num_items_in_batch is None and values.numel():
+        return values.mean()  # one kernel: the common case of the hot path
     total = values.sum()
     if reduction == "sum":
         return total
