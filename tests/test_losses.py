@@ -476,3 +476,121 @@ def test_hidden_state_losses_average_over_kept_tokens(loss):
     assert torch.allclose(value, expected, atol=1e-6) and torch.isfinite(s.grad).all()
     with pytest.raises(ValueError, match=r"token mask needs token states \[B, L, D\]"):
         loss(torch.randn(2, 6), torch.randn(2, 6), mask=mask)
+
+
+# ------------------------------------------------------------------ issue 7, section 4 defects
+def np_log_softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = z / temperature
+    m = z.max(axis=-1, keepdims=True)
+    return z - m - np.log(np.exp(z - m).sum(axis=-1, keepdims=True))
+
+
+def teacher_masks_classes() -> tuple[torch.Tensor, torch.Tensor]:
+    """The outside check's repro: -inf only in the teacher (row 0, classes 7..9)."""
+    g = torch.Generator().manual_seed(21)
+    s, t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
+    t[0, 7:] = float("-inf")
+    return s, t
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_reverse_kl_with_classes_masked_only_in_the_teacher(temperature):
+    s, t = teacher_masks_classes()
+    s = s.double().requires_grad_(True)
+    t = t.double()
+    value = L.ReverseKLDivLoss(temperature)(s, t)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+    # Reference: the student renormalised over the classes the teacher allows.
+    allowed = torch.isfinite(t).numpy()
+    zs, zt = s.detach().numpy() / temperature, t.numpy() / temperature
+    rows = []
+    for a, b, ok in zip(zs, zt, allowed, strict=True):
+        rows.append(np_kl_rows(np_softmax(a[ok]), np_softmax(b[ok])))
+    assert value.item() == pytest.approx(temperature**2 * np.mean(rows), rel=1e-10)
+    # The forbidden classes get no gradient: the student cannot lower the loss through them.
+    assert torch.equal(s.grad[0, 7:], torch.zeros(3, dtype=s.dtype))
+    # beta = 1 of the generalized JSD is the same reverse KL.
+    same = L.GeneralizedJSDLoss(1.0, temperature)(s.detach(), t)
+    assert same.item() == pytest.approx(value.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_generalized_jsd_with_classes_masked_only_in_the_teacher(beta):
+    s, t = teacher_masks_classes()
+    s = s.double().requires_grad_(True)
+    t = t.double()
+    value = L.GeneralizedJSDLoss(beta, 2.0)(s, t)
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(s.grad).all()
+    # 0 < beta < 1 is finite on the full support: the mixture m covers every class of p_s.
+    p_s, p_t = np_softmax(s.detach().numpy(), 2.0), np.exp(np_log_softmax(t.numpy(), 2.0))
+    m = beta * p_t + (1 - beta) * p_s
+    kl_t = np.sum(np.where(p_t > 0, p_t * (np.log(np.where(p_t > 0, p_t, 1)) - np.log(m)), 0), -1)
+    kl_s = np.sum(p_s * (np.log(p_s) - np.log(m)), -1)
+    expected = 4.0 * np.mean(beta * kl_t + (1 - beta) * kl_s)
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+
+
+def poisoned_token_batch(dtype=torch.float32):
+    g = torch.Generator().manual_seed(22)
+    s = torch.randn(2, 4, 6, generator=g).to(dtype)
+    t = torch.randn(2, 4, 6, generator=g).to(dtype)
+    labels = torch.tensor([[3, 1, -100, -100], [-100, 5, 0, 2]])
+    poisoned_s, poisoned_t = s.clone(), t.clone()
+    ignored = labels == -100
+    poisoned_s[ignored] = float("nan")
+    poisoned_s[1, 0, 2] = float("inf")
+    poisoned_t[ignored] = float("inf")
+    return (s, t), (poisoned_s, poisoned_t), labels
+
+
+@pytest.mark.parametrize("make", [L.HintonLoss, L.DKDLoss], ids=["hinton", "dkd"])
+def test_nan_in_ignored_tokens_does_not_reach_the_gradients_of_labelled_losses(make):
+    (s, t), (ps, pt), labels = poisoned_token_batch()
+    for teacher in (t, pt) if make is L.DKDLoss else (t,):
+        clean = s.clone().requires_grad_(True)
+        make()(clean, t, labels).backward()
+        dirty = ps.clone().requires_grad_(True)
+        value = make()(dirty, teacher, labels)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(dirty.grad).all()
+        torch.testing.assert_close(dirty.grad, clean.grad)
+        assert value.item() == pytest.approx(make()(s, t, labels).item(), rel=1e-6)
+
+
+def test_dist_loss_takes_a_token_mask():
+    g = torch.Generator().manual_seed(23)
+    s = torch.randn(2, 5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    loss = L.DISTLoss(1.0, 2.0, 2.0)
+    kept = loss(s.detach()[mask], t[mask])
+    with torch.no_grad():
+        s[~mask] = float("nan")  # padding: any value, it must not matter
+    value = loss(s, t, mask=mask)
+    value.backward()
+    assert value.item() == pytest.approx(kept.item(), rel=1e-12)
+    assert torch.isfinite(s.grad).all() and torch.equal(s.grad[~mask], torch.zeros(3, 7).double())
+
+
+def test_mse_logits_with_classes_masked_in_both_models():
+    g = torch.Generator().manual_seed(24)
+    s = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    s[0, 4:], t[0, 4:] = float("-inf"), float("-inf")  # row 0 allows classes 0..3 only
+    s = s.requires_grad_(True)
+    value = L.MSELogitsLoss()(s, t)
+    value.backward()
+    d = (s.detach() - t).numpy()
+    expected = np.mean([np.mean(d[0, :4] ** 2), np.mean(d[1] ** 2), np.mean(d[2] ** 2)])
+    assert value.item() == pytest.approx(expected, rel=1e-12)
+    assert torch.isfinite(s.grad).all() and torch.equal(s.grad[0, 4:], torch.zeros(2).double())
+    torch.testing.assert_close(s.grad[1], 2 * torch.tensor(d[1]) / (3 * 6))
+
+
+def test_mse_logits_refuses_a_class_masked_in_one_model_only():
+    s, t = torch.randn(2, 5), torch.randn(2, 5)
+    t[1, 3] = float("-inf")
+    with pytest.raises(ValueError, match=r"-inf in the teacher logits only.*same classes"):
+        L.MSELogitsLoss()(s, t)

@@ -59,6 +59,8 @@ def reduce(
         values = torch.where(keep, values, zero)
     if reduction == "none":
         return values
+    if reduction == "mean" and keep is None and num_items_in_batch is None and values.numel():
+        return values.mean()  # one kernel: the common case of the hot path
     total = values.sum()
     if reduction == "sum":
         return total
@@ -100,3 +102,20 @@ class DistillationLoss(nn.Module):
     ) -> Tensor:
         """:func:`reduce` with this loss's ``reduction``."""
         return reduce(values, keep, self.reduction, num_items_in_batch)
+
+    def refuse_unread(self, mask: Tensor | None, num_items_in_batch: int | Tensor | None) -> None:
+        """Raise for what this loss declares it does not read: a ``mask`` when ``takes_mask`` is
+        False, a ``num_items_in_batch`` when it is not ``per_sample``."""
+        who = type(self).__name__
+        if mask is not None and not self.takes_mask:
+            raise ValueError(
+                f"{who} takes no token mask (takes_mask=False): it compares whole samples or "
+                "feature maps, so a mask cannot select its positions; drop mask= (the Distiller "
+                "hands the mask only to losses with takes_mask=True)"
+            )
+        if num_items_in_batch is not None and not self.per_sample:
+            raise ValueError(
+                f"{who} compares the samples of one call with each other (per_sample=False), so "
+                f"its mean cannot be split over gradient-accumulation steps; got "
+                f"num_items_in_batch={num_items_in_batch!r}, leave it None"
+            )

@@ -1,4 +1,4 @@
-"""Distillation losses as pure functions: tensors in, scalar out.
+"""Distillation losses as pure functions: tensors in, reduced loss out.
 
 The math of every kdkit loss lives here once; :mod:`kdkit.losses` only wraps it in modules.
 
@@ -10,8 +10,24 @@ Conventions shared by the logit losses:
   ``T**2`` (Hinton et al. 2015) so that their gradients keep their scale as ``T`` changes.
 * Divergences are summed over classes and averaged over samples (``batchmean``), never over
   elements: an element mean would divide the loss by the class count. For token logits the
-  average runs over the tokens kept by ``mask`` (bool ``[B, L]``, True = keep).
+  average runs over the tokens kept by ``mask`` (bool ``[B, L]``, True = keep). Dropped tokens
+  are zeroed before anything else, so NaN/Inf there (fp16 overflow in padding) cannot reach a
+  gradient.
 * Half-precision inputs are upcast to float32 before ``log_softmax``; the loss is float32.
+
+Keywords shared by the per-sample losses (after ``torch.nn.functional``):
+
+* ``reduction``: ``"mean"`` (default), ``"sum"``, or ``"none"``: the per-sample ``[B]`` /
+  per-token ``[B, L]`` values, 0 at dropped positions.
+* ``num_items_in_batch``: replaces the mean's denominator (the kept count of this call), e.g. by
+  the kept-token count of a whole batch split into gradient-accumulation steps, so that the
+  accumulated gradient equals the whole batch's.
+* ``validate_args``: check the hyper-parameters (temperature, weights, ``beta``, ``p``,
+  ``reduction``); :mod:`kdkit.losses` passes False because it checked them once in ``__init__``
+  (torchmetrics' pattern). The tensors of each call are always checked.
+
+DIST, PKT and RKD relate the samples of a batch to each other: they have no per-sample value and
+return the batch's scalar only.
 """
 
 from __future__ import annotations
@@ -25,11 +41,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdkit._checks import (
+    check_attention_p,
+    check_hard_target,
+    check_jsd_beta,
+    check_logits,
+    check_mask,
+    check_temperature,
+    check_weight,
+)
+from kdkit.contract import check_reduction, reduce
+
 __all__ = [
     "attention_map",
     "attention_transfer",
     "check_temperature",
     "cosine_hidden_states",
+    "cross_entropy",
     "dist",
     "dkd",
     "generalized_jsd",
@@ -43,88 +71,7 @@ __all__ = [
     "soft_cross_entropy",
 ]
 
-
-# --------------------------------------------------------------------------------------------
-# argument checks
-# --------------------------------------------------------------------------------------------
-
-
-def check_temperature(value: float) -> float:
-    """Return ``value`` as a float, or raise the standard error for a bad temperature."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"temperature must be a positive number, got {value!r} of type "
-            f"{type(value).__name__}; pass a float such as temperature=4.0"
-        )
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"temperature must be > 0, got {value}; the softmax is taken of logits / temperature, "
-            "so use a finite positive value (1.0 = plain softmax, 2.0-8.0 is typical for KD)"
-        )
-    return value
-
-
-def _check_weight(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number >= 0, got {value!r} ({type(value).__name__})")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"{name} must be a finite number >= 0, got {value}; it weights a loss term, "
-            f"so a negative weight would reward the student for moving away from the target"
-        )
-    return value
-
-
-def _check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
-    s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
-    if student_logits.dim() not in (2, 3):
-        raise ValueError(
-            f"student logits must be [B, C] or token logits [B, L, C], got shape {s}; "
-            "flatten extra dimensions or select the logits tensor from the model output"
-        )
-    if s[-1] != t[-1]:
-        raise ValueError(
-            f"student logits have {s[-1]} classes (shape {s}) but teacher logits have "
-            f"{t[-1]} (shape {t}); logit distillation needs one shared label space - "
-            "use the same classifier head size, or distill features with an adapter instead"
-        )
-    if s != t:
-        raise ValueError(
-            f"student logits shape {s} != teacher logits shape {t}; both models must see the "
-            "same batch (and, for token logits, the same sequence length / padding)"
-        )
-
-
-def _check_mask(mask: Tensor, token_shape: torch.Size) -> Tensor:
-    if tuple(mask.shape) != tuple(token_shape):
-        raise ValueError(
-            f"mask shape {tuple(mask.shape)} does not match the logits' token shape "
-            f"{tuple(token_shape)}; pass a bool mask shaped like the logits without the class "
-            "dimension (True = keep the token)"
-        )
-    if mask.dtype == torch.bool:
-        return mask
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError(
-            f"mask holds values other than 0/1 (dtype {mask.dtype}); pass a bool mask (True = "
-            "keep the token). Labels go in target=, with ignore_index set."
-        )
-    return mask != 0
-
-
-def _check_hard_target(target: Tensor, logits: Tensor) -> None:
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"target shape {tuple(target.shape)} does not match logits shape "
-            f"{tuple(logits.shape)}; expected class indices shaped {tuple(logits.shape[:-1])}"
-        )
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise TypeError(
-            f"target must hold integer class indices, got dtype {target.dtype}; "
-            "convert with target.long()"
-        )
+Count = int | Tensor | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,23 +117,42 @@ def log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
     return out
 
 
-def _softened_log_probs(
-    student_logits: Tensor, teacher_logits: Tensor, temperature: float, mask: Tensor | None = None
-) -> tuple[Tensor, Tensor, float]:
-    """Checked ``(log p_s, log p_t, T)`` with ``p = softmax(z / T)`` over the last dim.
+def _keep(mask: Tensor | None, values: Tensor) -> Tensor | None:
+    """The checked bool mask over ``values`` without its last dim (None when no mask)."""
+    return None if mask is None else check_mask(mask, values.shape[:-1], values.device)
 
-    Masked-out tokens are zeroed first: their loss is dropped anyway, and NaN/Inf there (fp16
-    overflow in padding) would otherwise reach the gradients through the backward pass.
+
+def _both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a & b
+
+
+def _drop(x: Tensor, keep: Tensor | None) -> Tensor:
+    """Zero the rows of ``x`` that ``keep`` drops: NaN/Inf there has no gradient path then."""
+    return x if keep is None else x.masked_fill(~keep.unsqueeze(-1), 0.0)
+
+
+def _padding(keep: Tensor | None, logits: Tensor, mask: Tensor | None) -> Tensor | None:
+    """The rows a label-reading loss zeroes: those ``keep`` drops, for token logits or a mask.
+
+    Labels (-1, -100) on ``[B, C]`` logits without a mask drop samples, not padding; those logits
+    are left as they are, so the Distiller's terms on them still share one softmax.
     """
-    temperature = check_temperature(temperature)
-    _check_logits(student_logits, teacher_logits)
-    if mask is not None:
-        drop = ~_check_mask(mask.to(student_logits.device), student_logits.shape[:-1]).unsqueeze(-1)
-        student_logits = student_logits.masked_fill(drop, 0.0)
-        teacher_logits = teacher_logits.masked_fill(drop, 0.0)
-    log_p_s = log_softmax(student_logits, temperature)
-    log_p_t = log_softmax(teacher_logits, temperature)
-    return log_p_s, log_p_t, temperature
+    return keep if logits.dim() == 3 or mask is not None else None
+
+
+def _soft_log_probs(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, keep: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """``(log p_s, log p_t)`` with ``p = softmax(z / T)``, dropped rows zeroed first."""
+    student_logits, teacher_logits = _drop(student_logits, keep), _drop(teacher_logits, keep)
+    return log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)
+
+
+def _teacher_support(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """The student's logits with the classes the teacher rules out (``-inf``) set to ``-inf``."""
+    return torch.where(torch.isneginf(teacher_logits), teacher_logits, student_logits)
 
 
 def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -203,15 +169,6 @@ def _cross_entropy_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     p = log_p.exp()
     safe_log_q = torch.where(p > 0, log_q, torch.zeros_like(log_q))
     return -(p * safe_log_q).sum(dim=-1)
-
-
-def _masked_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
-    """Mean of per-sample / per-token values over the kept entries (0 when none is kept)."""
-    if mask is None:
-        return per_token.mean()
-    keep = _check_mask(mask.to(per_token.device), per_token.shape)
-    total = torch.where(keep, per_token, torch.zeros_like(per_token)).sum()
-    return total / keep.sum().clamp(min=1)
 
 
 def _check_layers(student: Sequence[Tensor], teacher: Sequence[Tensor], what: str) -> None:
@@ -246,6 +203,42 @@ def _check_same_shape(s: Tensor, t: Tensor, index: int, what: str) -> None:
         )
 
 
+def _token_keep(states: Tensor, mask: Tensor, where: str) -> Tensor:
+    """The checked mask of token states ``[B, L, D]`` (the only shape a token mask fits)."""
+    if states.dim() != 3:
+        raise ValueError(
+            f"{where}: a token mask needs token states [B, L, D], got shape "
+            f"{tuple(states.shape)}; drop mask= for [B, D] or [B, C, H, W] features"
+        )
+    return check_mask(mask, states.shape[:-1], states.device)
+
+
+def _per_sample(values: Tensor) -> Tensor:
+    """Mean over every dim but the batch dim: ``[B, ...] -> [B]``."""
+    return values.reshape(values.shape[0], -1).mean(dim=1)
+
+
+def _layer_mean(
+    per_layer: list[Tensor],
+    keep: Tensor | None,
+    reduction: str,
+    num_items_in_batch: Count,
+    what: str,
+) -> Tensor:
+    """The mean over layers of the reduced per-layer values (of the values, for ``"none"``)."""
+    if reduction != "none":
+        reduced = [reduce(v, keep, reduction, num_items_in_batch) for v in per_layer]
+        return reduced[0] if len(reduced) == 1 else torch.stack(reduced).mean()
+    shapes = {tuple(v.shape) for v in per_layer}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"{what}: reduction='none' averages per-sample values over the layers, but the "
+            f"layers give values of shapes {sorted(shapes)} (batch sizes differ); pass layers "
+            "of one batch, or use reduction='mean' / 'sum'"
+        )
+    return reduce(torch.stack(per_layer).mean(dim=0), keep, reduction)
+
+
 # --------------------------------------------------------------------------------------------
 # logit losses
 # --------------------------------------------------------------------------------------------
@@ -256,6 +249,10 @@ def kl_div(
     teacher_logits: Tensor,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Soft-target KL divergence of Hinton, Vinyals & Dean 2015, "Distilling the Knowledge in a
     Neural Network".
@@ -263,12 +260,17 @@ def kl_div(
     ``loss = T^2 * mean_n KL(p_t || p_s) = T^2 * mean_n sum_c p_t,c (log p_t,c - log p_s,c)``,
     ``p = softmax(z / T)``, mean over samples (``batchmean``) or over the tokens kept by ``mask``.
 
-    The gradient is ``dloss/dz_s = T (p_s - p_t) / N`` for ``N`` samples.
+    The gradient is ``dloss/dz_s = T (p_s - p_t) / N`` for ``N`` samples. Classes the teacher
+    masks (``-inf``) contribute ``0 log 0 = 0``.
     """
-    log_p_s, log_p_t, temperature = _softened_log_probs(
-        student_logits, teacher_logits, temperature, mask
-    )
-    return temperature**2 * _masked_mean(_kl_rows(log_p_t, log_p_s), mask)
+    if validate_args:
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "kl_div")
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
+    rows = temperature**2 * _kl_rows(log_p_t, log_p_s)
+    return reduce(rows, keep, reduction, num_items_in_batch)
 
 
 def reverse_kl_div(
@@ -276,16 +278,33 @@ def reverse_kl_div(
     teacher_logits: Tensor,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Reverse (mode-seeking) KL, as used for LLM distillation by Gu et al. 2024, "MiniLLM:
     Knowledge Distillation of Large Language Models".
 
     ``loss = T^2 * mean_n KL(p_s || p_t) = T^2 * mean_n sum_c p_s,c (log p_s,c - log p_t,c)``.
+
+    Classes the teacher masks (``-inf`` logit, e.g. a restricted vocabulary) make the true value
+    ``+inf`` wherever the student gives them any mass. kdkit masks the student's logits to the
+    teacher's support instead: ``p_s`` is the student's softmax renormalised over the classes the
+    teacher allows, so value and gradients stay finite and the forbidden classes get no gradient.
+    (Summing only over the teacher's support without renormalising would have a degenerate
+    minimum: the student could park its mass on the forbidden classes and drive the loss to 0.)
+    Classes only the student masks contribute ``0 log 0 = 0``.
     """
-    log_p_s, log_p_t, temperature = _softened_log_probs(
-        student_logits, teacher_logits, temperature, mask
-    )
-    return temperature**2 * _masked_mean(_kl_rows(log_p_s, log_p_t), mask)
+    if validate_args:
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "reverse_kl_div")
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    student_logits = _teacher_support(student_logits, teacher_logits)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
+    rows = temperature**2 * _kl_rows(log_p_s, log_p_t)
+    return reduce(rows, keep, reduction, num_items_in_batch)
 
 
 def generalized_jsd(
@@ -294,6 +313,10 @@ def generalized_jsd(
     beta: float = 0.5,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Generalized Jensen-Shannon divergence of Agarwal et al. 2024, "On-Policy Distillation of
     Language Models: Learning from Self-Generated Mistakes" (GKD).
@@ -305,19 +328,30 @@ def generalized_jsd(
     ``KL(p_s || p_t)`` (the endpoints are special-cased: the formula itself tends to 0 there).
     ``loss = T^2 * mean_n JSD_beta`` (TRL does not multiply by ``T^2``; kdkit does for every soft
     loss, so ``beta = 0`` equals :func:`kl_div` exactly).
+
+    For ``0 < beta < 1`` the value is finite even where the teacher masks classes (``m`` covers
+    every class of ``p_s``); ``beta = 1`` restricts the student to the teacher's support as
+    :func:`reverse_kl_div` does.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
-        raise ValueError(
-            f"beta must be a number in [0, 1], got {beta!r}; 0 = forward KL(teacher || student), "
-            "1 = reverse KL(student || teacher), in between = generalized JSD"
+    if validate_args:
+        beta = check_jsd_beta(beta)
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "generalized_jsd")
+    if beta == 1.0:
+        return reverse_kl_div(
+            student_logits,
+            teacher_logits,
+            temperature,
+            mask,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            validate_args=False,
         )
-    log_p_s, log_p_t, temperature = _softened_log_probs(
-        student_logits, teacher_logits, temperature, mask
-    )
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
     if beta == 0.0:
         rows = _kl_rows(log_p_t, log_p_s)
-    elif beta == 1.0:
-        rows = _kl_rows(log_p_s, log_p_t)
     else:
         # Floored like _kl_rows: logsumexp of two -inf (a class masked in both) has NaN grads.
         floor = torch.finfo(log_p_s.dtype).min
@@ -326,7 +360,7 @@ def generalized_jsd(
             torch.stack([log_p_t + math.log(beta), log_p_s + math.log1p(-beta)]), dim=0
         )
         rows = beta * _kl_rows(log_p_t, log_m) + (1.0 - beta) * _kl_rows(log_p_s, log_m)
-    return temperature**2 * _masked_mean(rows, mask)
+    return reduce(temperature**2 * rows, keep, reduction, num_items_in_batch)
 
 
 def soft_cross_entropy(
@@ -334,6 +368,10 @@ def soft_cross_entropy(
     teacher_logits: Tensor,
     temperature: float = 1.0,
     mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Soft-target cross-entropy of Hinton et al. 2015.
 
@@ -341,10 +379,32 @@ def soft_cross_entropy(
     :func:`kl_div` plus ``T^2`` times the teacher's entropy, so it has the same gradient in the
     student but is not 0 when student and teacher agree.
     """
-    log_p_s, log_p_t, temperature = _softened_log_probs(
-        student_logits, teacher_logits, temperature, mask
-    )
-    return temperature**2 * _masked_mean(_cross_entropy_rows(log_p_t, log_p_s), mask)
+    if validate_args:
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "soft_cross_entropy")
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
+    rows = temperature**2 * _cross_entropy_rows(log_p_t, log_p_s)
+    return reduce(rows, keep, reduction, num_items_in_batch)
+
+
+def _is_soft_target(target: Tensor, logits: Tensor) -> bool:
+    """Whether ``target`` holds class probabilities (mixup); class indices are checked."""
+    if target.dtype.is_floating_point and target.shape == logits.shape:
+        return True
+    check_hard_target(target, logits)
+    return False
+
+
+def _hard_cross_entropy_rows(logits: Tensor, target: Tensor, soft_target: bool) -> Tensor:
+    """Per-sample ``-log softmax(z)[y]``, or ``-Σ y log softmax(z)`` for probability targets
+    (negative class indices give the value at class 0: the caller drops them)."""
+    log_q = log_softmax(logits, 1.0)
+    if soft_target:
+        return -(target.to(log_q.dtype) * log_q).sum(dim=-1)
+    safe_target = torch.where(target >= 0, target, torch.zeros_like(target))
+    return -log_q.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
 
 
 def hinton_loss(
@@ -354,6 +414,11 @@ def hinton_loss(
     alpha: float = 0.1,
     beta: float = 0.9,
     temperature: float = 4.0,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Combined distillation loss of Hinton et al. 2015 (the seed lecture's formulation).
 
@@ -364,58 +429,109 @@ def hinton_loss(
     probabilities shaped like the logits (e.g. from mixup). Negative indices mark samples without
     a label (kdkit's unlabeled transfer sets use -1): they get the soft term only, the hard term
     averages over the labelled ones. -100 (``F.cross_entropy``'s ignore_index, padding tokens)
-    drops the sample / token from both terms.
+    and ``mask`` drop the sample / token from both terms; for token logits ``[B, L, C]`` (or
+    with a mask) its logits are zeroed first, so NaN/Inf there reaches no gradient.
+
+    ``reduction="none"`` gives ``alpha * hard_n + beta * T^2 * soft_n`` per sample (hard_n = 0
+    for unlabeled samples). ``"mean"`` averages each term over its own samples, so with
+    unlabeled (-1) samples it is not the mean of those values; ``num_items_in_batch`` replaces
+    both denominators.
     """
-    alpha = _check_weight("alpha", alpha)
-    beta = _check_weight("beta", beta)
-    log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
-    hard, labeled = _hard_cross_entropy_rows(student_logits, target)
-    mask = None if labeled is None else target != -100
-    soft = _cross_entropy_rows(log_p_t, log_p_s)
-    return alpha * _masked_mean(hard, labeled) + beta * temperature**2 * _masked_mean(soft, mask)
+    if validate_args:
+        alpha = check_weight("alpha", alpha)
+        beta = check_weight("beta", beta)
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "hinton_loss")
+    check_logits(student_logits, teacher_logits)
+    soft_target = _is_soft_target(target, student_logits)
+    keep = _both(None if soft_target else target != -100, _keep(mask, student_logits))
+    labeled = keep if soft_target else _both(target >= 0, keep)
+    padding = _padding(keep, student_logits, mask)
+    s, t = _drop(student_logits, padding), _drop(teacher_logits, padding)
+    hard = _hard_cross_entropy_rows(s, target, soft_target)
+    log_p_s, log_p_t = log_softmax(s, temperature), log_softmax(t, temperature)
+    soft = temperature**2 * _cross_entropy_rows(log_p_t, log_p_s)
+    if reduction == "mean":
+        return alpha * reduce(hard, labeled, "mean", num_items_in_batch) + beta * reduce(
+            soft, keep, "mean", num_items_in_batch
+        )
+    if labeled is not None:
+        hard = torch.where(labeled, hard, torch.zeros_like(hard))
+    return reduce(alpha * hard + beta * soft, keep, reduction)
 
 
-def _hard_cross_entropy_rows(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Per-sample ``-log softmax(z)[y]`` (or ``-Σ y log softmax(z)`` for probability targets),
-    with the mask of labelled samples (None for probability targets)."""
-    log_q = log_softmax(logits, 1.0)
-    if target.dtype.is_floating_point and target.shape == logits.shape:
-        return -(target.to(log_q.dtype) * log_q).sum(dim=-1), None
-    _check_hard_target(target, logits)
-    labeled = target >= 0
-    safe_target = torch.where(labeled, target, torch.zeros_like(target))
-    return -log_q.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1), labeled
-
-
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
     """Cross-entropy with the ground truth over the labelled samples only.
 
     ``loss = mean_{i: y_i >= 0} -log softmax(z_i)[y_i]``; negative labels mark unlabeled samples
     of a transfer set (kdkit uses -1) and padding (-100). With no labelled sample the loss is 0
     (not NaN), so a batch drawn only from the unlabeled part trains on the soft terms alone.
-    ``target`` may also hold class probabilities shaped like ``logits`` (mixup).
+    ``target`` may also hold class probabilities shaped like ``logits`` (mixup). The logits of
+    tokens left out of token logits ``[B, L, C]`` (or by a mask) are zeroed first, so NaN/Inf
+    there reaches no gradient.
     """
-    hard, labeled = _hard_cross_entropy_rows(logits, target)
-    return _masked_mean(hard, labeled)
+    if validate_args:
+        check_reduction(reduction, "cross_entropy")
+    keep = _keep(mask, logits)
+    soft_target = _is_soft_target(target, logits)
+    if not soft_target:
+        keep = _both(target >= 0, keep)
+    hard = _hard_cross_entropy_rows(
+        _drop(logits, _padding(keep, logits, mask)), target, soft_target
+    )
+    return reduce(hard, keep, reduction, num_items_in_batch)
 
 
 def mse_logits(
-    student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Logit matching, the high-temperature limit of Hinton et al. 2015 (Ba & Caruana 2014).
 
-    ``loss = mean((z_s - z_t)^2)`` over all elements of the kept samples / tokens.
+    ``loss = mean_n mean_c (z_s - z_t)^2`` over the kept samples / tokens ``n`` and the classes
+    ``c`` of each.
 
     Its gradient is ``2 (z_s - z_t) / (B * C)``. For zero-mean logits the gradient of
     ``T^2 * KL(p_t || p_s)`` tends to ``(z_s - z_t) / (B * C)`` as ``T -> inf``, so this loss
     is that limit with twice the gradient.
+
+    Masked classes: a class whose logit is ``-inf`` in both models (a masked vocabulary) is
+    left out of its row's class mean and gets no gradient. A class ``-inf`` in one model only has
+    an infinite squared difference: that is refused with an error.
     """
-    _check_logits(student_logits, teacher_logits)
-    diff = _upcast(student_logits) - _upcast(teacher_logits)
-    if mask is not None:  # zeroed, so NaN/Inf in dropped tokens cannot reach the gradients
-        keep = _check_mask(mask.to(diff.device), diff.shape[:-1])
-        diff = diff.masked_fill(~keep.unsqueeze(-1), 0.0)
-    return _masked_mean(diff.pow(2).mean(dim=-1), mask)
+    if validate_args:
+        check_reduction(reduction, "mse_logits")
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    s, t = _drop(_upcast(student_logits), keep), _drop(_upcast(teacher_logits), keep)
+    masked_s, masked_t = torch.isneginf(s), torch.isneginf(t)
+    if bool((masked_s != masked_t).any()):
+        teacher_only = bool((masked_t & ~masked_s).any())
+        side, other = ("teacher", "student") if teacher_only else ("student", "teacher")
+        raise ValueError(
+            f"mse_logits: some classes are -inf in the {side} logits only (finite in the "
+            f"{other}'s), where the squared difference is infinite. Mask the same classes in "
+            f"both (e.g. {other}_logits.masked_fill({side}_logits == float('-inf'), "
+            "float('-inf'))), or use KLDivLoss / ReverseKLDivLoss, which handle classes masked "
+            "in one model"
+        )
+    diff = (s - t).masked_fill(masked_s, 0.0)
+    classes = (~masked_s).sum(dim=-1).clamp(min=1)
+    rows = diff.pow(2).sum(dim=-1) / classes
+    return reduce(rows, keep, reduction, num_items_in_batch)
 
 
 def dkd(
@@ -425,6 +541,11 @@ def dkd(
     alpha: float = 1.0,
     beta: float = 8.0,
     temperature: float = 4.0,
+    *,
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Decoupled Knowledge Distillation of Zhao et al., CVPR 2022 (``dkd_loss`` of mdistiller).
 
@@ -433,23 +554,38 @@ def dkd(
     * TCKD = ``KL(b_t || b_s)``, ``b = [p_g, 1 - p_g]`` (target vs. all non-target classes);
     * NCKD = ``KL(p~_t || p~_s)``, ``p~ = softmax over the non-target classes only``;
 
-    ``loss = T^2 * mean_n (alpha * TCKD + beta * NCKD)``. mdistiller removes the target class
-    from NCKD by subtracting 1000 from its logit; kdkit drops it exactly (same value in float32
-    unless logits / T span more than ~100). Samples with a negative label (unlabeled, or
-    ignore_index -100) have no target class and are left out of the mean.
+    ``loss = T^2 * mean_n (alpha * TCKD + beta * NCKD)``. Samples with a negative label
+    (unlabeled, or ignore_index -100) or dropped by ``mask`` have no target class: they are left
+    out of the mean; for token logits ``[B, L, C]`` (or with a mask) their logits (student's and
+    teacher's) are zeroed first, so NaN/Inf there reaches no gradient.
+
+    mdistiller removes the target class from NCKD by subtracting 1000 from its logit ``/ T``;
+    kdkit drops it exactly. Measured in float32 against float64: mdistiller's NCKD agrees while
+    the target logit leads the others by less than ~980·T (beyond, the -1000 no longer removes
+    the target class); mdistiller's own TCKD breaks first: it takes the log of the summed
+    non-target probability, which underflows once the target leads by ~88·T (``exp(-88)`` is
+    float32's smallest normal number; NaN from ~104·T where subnormals are kept). kdkit
+    computes both terms in log space and stays finite.
     """
-    alpha = _check_weight("alpha", alpha)
-    beta = _check_weight("beta", beta)
-    log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
-    _check_hard_target(target, student_logits)
+    if validate_args:
+        alpha = check_weight("alpha", alpha)
+        beta = check_weight("beta", beta)
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "dkd")
+    check_logits(student_logits, teacher_logits)
+    check_hard_target(target, student_logits)
     num_classes = student_logits.shape[-1]
     if target.numel() and int(target.max()) >= num_classes:
         raise ValueError(
             f"dkd: target holds class index {int(target.max())} but the logits have "
             f"{num_classes} classes (valid: 0..{num_classes - 1}, negative = unlabeled)"
         )
-    labeled = target >= 0
-    gt = F.one_hot(torch.where(labeled, target, 0).long(), num_classes).bool()
+    keep = target >= 0
+    if mask is not None:
+        keep = keep & check_mask(mask, target.shape, target.device)
+    padding = _padding(keep, student_logits, mask)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, padding)
+    gt = F.one_hot(torch.where(keep, target, 0).long(), num_classes).bool()
     neg_inf = torch.full_like(log_p_s, float("-inf"))
 
     def binary(log_p: Tensor) -> Tensor:
@@ -465,7 +601,8 @@ def dkd(
         non_target_t - non_target_t.logsumexp(dim=-1, keepdim=True),
         non_target_s - non_target_s.logsumexp(dim=-1, keepdim=True),
     )
-    return temperature**2 * _masked_mean(alpha * tckd + beta * nckd, labeled)
+    rows = temperature**2 * (alpha * tckd + beta * nckd)
+    return reduce(rows, keep, reduction, num_items_in_batch)
 
 
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -480,20 +617,34 @@ def dist(
     beta: float = 1.0,
     gamma: float = 1.0,
     temperature: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """DIST of Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher".
 
     With ``Y = softmax(z / T)`` as ``[N, C]`` matrices and ``rho`` the Pearson correlation:
     ``inter = 1 - mean_n rho(Y_s[n, :], Y_t[n, :])`` (class ranking of each sample),
     ``intra = 1 - mean_c rho(Y_s[:, c], Y_t[:, c])`` (each class across the batch),
-    ``loss = T^2 * (beta * inter + gamma * intra)``. Token logits are flattened to ``[N, C]``.
+    ``loss = T^2 * (beta * inter + gamma * intra)``.
+
+    Token logits ``[B, L, C]`` are flattened to the ``N`` tokens ``mask`` keeps (all ``B * L``
+    without a mask, so pass the mask when the batch holds padding: padding would enter both
+    correlations). The loss relates the samples of a batch to each other, so it has no
+    per-sample value.
     """
-    beta = _check_weight("beta", beta)
-    gamma = _check_weight("gamma", gamma)
-    log_p_s, log_p_t, temperature = _softened_log_probs(student_logits, teacher_logits, temperature)
-    num_classes = log_p_s.shape[-1]
-    y_s = log_p_s.exp().reshape(-1, num_classes)
-    y_t = log_p_t.exp().reshape(-1, num_classes)
+    if validate_args:
+        beta = check_weight("beta", beta)
+        gamma = check_weight("gamma", gamma)
+        temperature = check_temperature(temperature)
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    if keep is not None:
+        # Indexing before the softmax: dropped rows get an exact zero gradient, NaN or not.
+        student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]
+    num_classes = student_logits.shape[-1]
+    y_s = log_softmax(student_logits, temperature).exp().reshape(-1, num_classes)
+    y_t = log_softmax(teacher_logits, temperature).exp().reshape(-1, num_classes)
     inter = 1.0 - _pearson_rows(y_s, y_t).mean()
     intra = 1.0 - _pearson_rows(y_s.t(), y_t.t()).mean()
     return temperature**2 * (beta * inter + gamma * intra)
@@ -502,6 +653,8 @@ def dist(
 # --------------------------------------------------------------------------------------------
 # feature losses
 # --------------------------------------------------------------------------------------------
+# Per-sample values: the mean over every non-batch dim, [B]; with a token mask over token states
+# [B, L, D], per-token values [B, L]. Several layers: the mean of the layers' values.
 
 
 def mse_hidden_states(
@@ -509,6 +662,10 @@ def mse_hidden_states(
     teacher: Sequence[Tensor],
     normalize: bool = False,
     mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Hint / hidden-state MSE (Romero et al. 2015, "FitNets"; Jiao et al. 2020, "TinyBERT").
 
@@ -517,35 +674,33 @@ def mse_hidden_states(
     ``[B, L, D]``, channel dim of ``[B, C, H, W]``). Shapes must match per layer. For token
     states ``[B, L, D]`` a bool ``mask`` ``[B, L]`` averages over the kept tokens only.
     """
+    if validate_args:
+        check_reduction(reduction, "mse_hidden_states")
     _check_layers(student, teacher, "mse_hidden_states")
-    losses = []
+    keep = None
+    per_layer = []
     for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         dim = _feature_dim(s, f"mse_hidden_states: student hidden state {i}")
         _check_same_shape(s, t, i, "mse_hidden_states")
         s, t = _upcast(s), _upcast(t)
+        if mask is not None:
+            keep = _token_keep(s, mask, f"mse_hidden_states layer {i}")
+            s, t = _drop(s, keep), _drop(t, keep)
         if normalize:
             s, t = F.normalize(s, dim=dim), F.normalize(t, dim=dim)
-        if mask is None:
-            losses.append(F.mse_loss(s, t))
-        else:
-            diff = _drop_masked_tokens(s - t, mask, f"mse_hidden_states layer {i}")
-            losses.append(_masked_mean(diff.pow(2).mean(dim=-1), mask))
-    return torch.stack(losses).mean()
-
-
-def _drop_masked_tokens(per_token_vectors: Tensor, mask: Tensor, where: str) -> Tensor:
-    """Zero the vectors of dropped tokens in ``[B, L, D]`` (so NaN/Inf there has no gradient)."""
-    if per_token_vectors.dim() != 3:
-        raise ValueError(
-            f"{where}: a token mask needs token states [B, L, D], got shape "
-            f"{tuple(per_token_vectors.shape)}; drop mask= for [B, D] or [B, C, H, W] features"
-        )
-    keep = _check_mask(mask.to(per_token_vectors.device), per_token_vectors.shape[:-1])
-    return per_token_vectors.masked_fill(~keep.unsqueeze(-1), 0.0)
+        squared = F.mse_loss(s, t, reduction="none")
+        per_layer.append(squared.mean(dim=-1) if keep is not None else _per_sample(squared))
+    return _layer_mean(per_layer, keep, reduction, num_items_in_batch, "mse_hidden_states")
 
 
 def cosine_hidden_states(
-    student: Sequence[Tensor], teacher: Sequence[Tensor], mask: Tensor | None = None
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Cosine hidden-state loss (as in DistilBERT, Sanh et al. 2019).
 
@@ -553,17 +708,25 @@ def cosine_hidden_states(
     ``[B, D]`` / ``[B, L, D]``, channel dim of ``[B, C, H, W]``), mean over the other positions
     (over the tokens a bool ``mask`` ``[B, L]`` keeps, for token states).
     """
+    if validate_args:
+        check_reduction(reduction, "cosine_hidden_states")
     _check_layers(student, teacher, "cosine_hidden_states")
-    losses = []
+    keep = None
+    per_layer = []
     for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         dim = _feature_dim(s, f"cosine_hidden_states: student hidden state {i}")
         _check_same_shape(s, t, i, "cosine_hidden_states")
         s, t = _upcast(s), _upcast(t)
         if mask is not None:
-            where = f"cosine_hidden_states layer {i}"
-            s, t = _drop_masked_tokens(s, mask, where), _drop_masked_tokens(t, mask, where)
-        losses.append(_masked_mean(1.0 - F.cosine_similarity(s, t, dim=dim), mask))
-    return torch.stack(losses).mean()
+            keep = _token_keep(s, mask, f"cosine_hidden_states layer {i}")
+            s, t = _drop(s, keep), _drop(t, keep)
+        distance = 1.0 - F.cosine_similarity(s, t, dim=dim)
+        per_layer.append(distance if keep is not None else _per_sample(distance))
+    return _layer_mean(per_layer, keep, reduction, num_items_in_batch, "cosine_hidden_states")
+
+
+def _attention_map(feature: Tensor, p: float) -> Tensor:
+    return F.normalize(_upcast(feature).abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
 def attention_map(feature: Tensor, p: float = 2) -> Tensor:
@@ -577,13 +740,17 @@ def attention_map(feature: Tensor, p: float = 2) -> Tensor:
         raise ValueError(
             f"attention_map needs a feature map [B, C, H, W], got shape {tuple(feature.shape)}"
         )
-    if isinstance(p, bool) or not isinstance(p, int | float) or p <= 0:
-        raise ValueError(f"attention_map: p must be a number > 0, got {p!r}; the paper uses p=2")
-    return F.normalize(_upcast(feature).abs().pow(p).mean(dim=1).flatten(1), dim=1)
+    return _attention_map(feature, check_attention_p(p))
 
 
 def attention_transfer(
-    student: Sequence[Tensor], teacher: Sequence[Tensor], p: float = 2
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    p: float = 2,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
 ) -> Tensor:
     """Attention transfer loss of Zagoruyko & Komodakis, ICLR 2017.
 
@@ -592,8 +759,11 @@ def attention_transfer(
     the smaller size first. (The paper weights this term by ``beta = 1000``; set that as the
     term's weight.) Invariant to rescaling either feature map.
     """
+    if validate_args:
+        p = check_attention_p(p)
+        check_reduction(reduction, "attention_transfer")
     _check_layers(student, teacher, "attention_transfer")
-    losses = []
+    per_layer = []
     for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
         if s.dim() != 4 or t.dim() != 4 or s.shape[0] != t.shape[0]:
             raise ValueError(
@@ -606,8 +776,8 @@ def attention_transfer(
             s = F.adaptive_avg_pool2d(s, size)
         if tuple(t.shape[2:]) != size:
             t = F.adaptive_avg_pool2d(t, size)
-        losses.append((attention_map(s, p) - attention_map(t, p)).pow(2).mean())
-    return torch.stack(losses).mean()
+        per_layer.append((_attention_map(s, p) - _attention_map(t, p)).pow(2).mean(dim=1))
+    return _layer_mean(per_layer, None, reduction, num_items_in_batch, "attention_transfer")
 
 
 def _flat_batch(student: Tensor, teacher: Tensor, what: str) -> tuple[Tensor, Tensor]:
@@ -652,6 +822,8 @@ def rkd(
     teacher_embeddings: Tensor,
     distance_weight: float = 25.0,
     angle_weight: float = 50.0,
+    *,
+    validate_args: bool = True,
 ) -> Tensor:
     """Relational Knowledge Distillation of Park et al., CVPR 2019.
 
@@ -661,8 +833,9 @@ def rkd(
     + angle_weight * smoothL1(psi_A^s, psi_A^t)`` (element means). Embeddings are flattened to
     ``[B, D]``; student and teacher dims may differ.
     """
-    distance_weight = _check_weight("distance_weight", distance_weight)
-    angle_weight = _check_weight("angle_weight", angle_weight)
+    if validate_args:
+        distance_weight = check_weight("distance_weight", distance_weight)
+        angle_weight = check_weight("angle_weight", angle_weight)
     s, t = _flat_batch(student_embeddings, teacher_embeddings, "rkd")
     t = t.detach()  # the teacher's relations are targets, as in the reference implementation
 

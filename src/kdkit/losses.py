@@ -1,19 +1,39 @@
 """Distillation losses as ``nn.Module`` s: thin wrappers of :mod:`kdkit.functional`.
 
-Call ``loss(student, teacher)``, or ``loss(student, teacher, target)`` for the losses with
-``needs_target = True``. Logit losses expose ``.temperature``; hidden-state losses accept a
-Tensor or a list/tuple of Tensors (one entry per layer pair). Learnable parts (the mappings of
-:class:`MSEHiddenStatesLoss`, the regressor of :class:`FitNetsLoss`) sit on the student side and
-are registered parameters, so optimizers and checkpoints see them.
+Every loss is a :class:`kdkit.contract.DistillationLoss`: it declares what it reads
+(``needs_target``, ``reads_teacher``, ``takes_mask``, ``per_sample``, ``temperature``) and takes
+``reduction`` (``"mean"``, ``"sum"``, ``"none"``). One ``forward`` per family:
+
+* logit losses: ``loss(student, teacher, *, target=None, mask=None, num_items_in_batch=None)``;
+  :class:`HintonLoss` and :class:`DKDLoss` need the labels and take them as the third positional
+  argument too: ``loss(student, teacher, target, *, mask=None, num_items_in_batch=None)``;
+* feature losses: ``loss(student, teacher, *, mask=None, num_items_in_batch=None)`` with a Tensor
+  or a list/tuple of Tensors (one entry per layer pair);
+* :class:`CrossEntropyLoss` reads no teacher: ``loss(logits, target, *, mask=None,
+  num_items_in_batch=None)``.
+
+A loss given a ``mask`` it does not take (``takes_mask = False``), or a ``num_items_in_batch``
+while not per-sample, raises. Hyper-parameters are checked once, in ``__init__``. Learnable parts
+(the mappings of :class:`MSEHiddenStatesLoss`, the regressor of :class:`FitNetsLoss`) sit on the
+student side and are registered parameters, so optimizers and checkpoints see them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 from torch import Tensor, nn
 
 from kdkit import functional as KF
+from kdkit._checks import (
+    check_attention_p,
+    check_jsd_beta,
+    check_mask,
+    check_temperature,
+    check_weight,
+)
+from kdkit.contract import DistillationLoss
 
 __all__ = [
     "AttentionLoss",
@@ -33,6 +53,7 @@ __all__ = [
 ]
 
 HiddenStates = Tensor | Sequence[Tensor]
+Count = int | Tensor | None
 
 
 def _as_list(states: HiddenStates, who: str) -> list[Tensor]:
@@ -47,42 +68,62 @@ def _as_list(states: HiddenStates, who: str) -> list[Tensor]:
     )
 
 
-def _require_target(loss: nn.Module, target: Tensor | None) -> Tensor:
+def _options(loss: DistillationLoss, num_items_in_batch: Count) -> dict[str, object]:
+    """The functional call's keywords: the module's reduction; its arguments checked already."""
+    return {
+        "reduction": loss.reduction,
+        "num_items_in_batch": num_items_in_batch,
+        "validate_args": False,
+    }
+
+
+def _require_target(loss: nn.Module, target: Tensor | None, call: str) -> Tensor:
     if target is None:
         raise ValueError(
-            f"{type(loss).__name__} needs the ground-truth target: call "
-            "loss(student_logits, teacher_logits, target)"
+            f"{type(loss).__name__} needs the ground-truth target: call loss({call}, target)"
         )
     return target
 
 
-class _TokenLogitLoss(nn.Module):
-    """Shared mask / ``ignore_index`` handling for losses on ``[B, C]`` or ``[B, L, C]`` logits.
+# --------------------------------------------------------------------------------------------
+# logit losses
+# --------------------------------------------------------------------------------------------
 
-    ``forward(student, teacher, *, mask=None, target=None)``: ``mask`` (bool, True = keep) and,
-    with ``ignore_index`` set, ``target != ignore_index`` select the tokens averaged over. Both
-    are keyword-only, so labels can never be taken for a mask.
+
+class _TokenLogitLoss(DistillationLoss):
+    """A loss on ``[B, C]`` or token logits ``[B, L, C]`` that reads no labels of its own.
+
+    ``mask`` (bool, True = keep) and, with ``ignore_index`` set, ``target != ignore_index``
+    select the tokens averaged over. Both are keyword-only, so labels can never be taken for a
+    mask. ``formula(student, teacher, *hyper_parameters, mask, ...)`` is the functional form.
     """
 
-    needs_target: bool = False
-    takes_mask: bool = True
+    takes_mask = True
+    formula: ClassVar[staticmethod]
 
-    def __init__(self, ignore_index: int | None = None) -> None:
-        super().__init__()
+    def __init__(self, ignore_index: int | None = None, *, reduction: str = "mean") -> None:
+        super().__init__(reduction)
         self.ignore_index = ignore_index
+
+    def hyper_parameters(self) -> tuple[float, ...]:
+        return ()
 
     def forward(
         self,
         student: Tensor,
         teacher: Tensor,
         *,
-        mask: Tensor | None = None,
         target: Tensor | None = None,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
     ) -> Tensor:
-        return self.compute(student, teacher, self._mask(mask, target))
-
-    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
-        raise NotImplementedError
+        return type(self).formula(
+            student,
+            teacher,
+            *self.hyper_parameters(),
+            self._mask(mask, target),
+            **_options(self, num_items_in_batch),
+        )
 
     def _mask(self, mask: Tensor | None, target: Tensor | None) -> Tensor | None:
         if target is None:
@@ -93,173 +134,272 @@ class _TokenLogitLoss(nn.Module):
                 "would be ignored; set ignore_index (e.g. -100 for padding) or drop target."
             )
         keep = target != self.ignore_index
-        return keep if mask is None else keep & KF._check_mask(mask, keep.shape)
+        return keep if mask is None else keep & check_mask(mask, keep.shape, keep.device)
 
 
 class _KLFamilyLoss(_TokenLogitLoss):
-    def __init__(self, temperature: float = 1.0, ignore_index: int | None = None) -> None:
-        super().__init__(ignore_index)
-        self.temperature = KF.check_temperature(temperature)
+    def __init__(
+        self, temperature: float = 1.0, ignore_index: int | None = None, *, reduction: str = "mean"
+    ) -> None:
+        super().__init__(ignore_index, reduction=reduction)
+        self.temperature = check_temperature(temperature)
+
+    def hyper_parameters(self) -> tuple[float, ...]:
+        return (self.temperature,)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, ignore_index={self.ignore_index}"
+        return (
+            f"temperature={self.temperature}, ignore_index={self.ignore_index}, "
+            f"reduction={self.reduction!r}"
+        )
 
 
 class KLDivLoss(_KLFamilyLoss):
-    """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batchmean (Hinton et al. 2015).
+    """``T^2 * KL(softmax(z_t / T) || softmax(z_s / T))``, batchmean (Hinton, Vinyals & Dean
+    2015, "Distilling the Knowledge in a Neural Network").
 
     Accepts ``[B, C]`` and token logits ``[B, L, C]``; ``mask`` (bool, True = keep) or, with
     ``ignore_index`` set, ``target != ignore_index`` selects the tokens averaged over.
     See :func:`kdkit.functional.kl_div`.
     """
 
-    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
-        return KF.kl_div(student, teacher, self.temperature, mask)
+    formula = staticmethod(KF.kl_div)
 
 
 class ReverseKLDivLoss(_KLFamilyLoss):
-    """``T^2 * KL(softmax(z_s / T) || softmax(z_t / T))``, batchmean (MiniLLM, Gu et al. 2024).
+    """``T^2 * KL(softmax(z_s / T) || softmax(z_t / T))``, batchmean (Gu et al. 2024, "MiniLLM:
+    Knowledge Distillation of Large Language Models").
 
-    Same inputs as :class:`KLDivLoss`. See :func:`kdkit.functional.reverse_kl_div`.
+    Same inputs as :class:`KLDivLoss`. Classes the teacher masks (``-inf``) are masked in the
+    student too (its softmax is renormalised over the teacher's support), which keeps the value
+    and gradients finite; see :func:`kdkit.functional.reverse_kl_div`.
     """
 
-    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
-        return KF.reverse_kl_div(student, teacher, self.temperature, mask)
+    formula = staticmethod(KF.reverse_kl_div)
 
 
 class GeneralizedJSDLoss(_TokenLogitLoss):
-    """Generalized JSD of GKD (Agarwal et al. 2024), TRL's convention.
+    """Generalized JSD of GKD (Agarwal et al. 2024, "On-Policy Distillation of Language Models"),
+    TRL's convention.
 
     ``m = beta p_t + (1 - beta) p_s``, ``T^2 * (beta KL(p_t || m) + (1 - beta) KL(p_s || m))``;
     ``beta = 0`` is forward KL, ``beta = 1`` reverse KL. Same inputs as :class:`KLDivLoss`.
     See :func:`kdkit.functional.generalized_jsd`.
     """
 
-    def __init__(
-        self, beta: float = 0.5, temperature: float = 1.0, ignore_index: int | None = None
-    ) -> None:
-        super().__init__(ignore_index)
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta <= 1:
-            raise ValueError(
-                f"beta must be a number in [0, 1], got {beta!r}; 0 = forward KL, 1 = reverse KL"
-            )
-        self.beta = float(beta)
-        self.temperature = KF.check_temperature(temperature)
+    formula = staticmethod(KF.generalized_jsd)
 
-    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
-        return KF.generalized_jsd(student, teacher, self.beta, self.temperature, mask)
+    def __init__(
+        self,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        ignore_index: int | None = None,
+        *,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(ignore_index, reduction=reduction)
+        self.beta = check_jsd_beta(beta)
+        self.temperature = check_temperature(temperature)
+
+    def hyper_parameters(self) -> tuple[float, ...]:
+        return (self.beta, self.temperature)
 
     def extra_repr(self) -> str:
-        return f"beta={self.beta}, temperature={self.temperature}"
+        return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
 
 
 class MSELogitsLoss(_TokenLogitLoss):
-    """``mean((z_s - z_t)^2)``: logit matching, the high-temperature limit of Hinton's KD.
+    """``mean((z_s - z_t)^2)``: logit matching (Ba & Caruana 2014), the high-temperature limit of
+    Hinton et al. 2015.
 
     Its gradient ``2 (z_s - z_t) / (B * C)`` is twice the ``T -> inf`` gradient of
-    ``T^2 * KL`` for zero-mean logits. See :func:`kdkit.functional.mse_logits`.
+    ``T^2 * KL`` for zero-mean logits. Classes ``-inf`` in both models are left out; ``-inf`` in
+    one model only is refused. See :func:`kdkit.functional.mse_logits`.
     """
 
-    def compute(self, student: Tensor, teacher: Tensor, mask: Tensor | None) -> Tensor:
-        return KF.mse_logits(student, teacher, mask)
+    formula = staticmethod(KF.mse_logits)
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(DistillationLoss):
     """``mean_{i: y_i >= 0} -log softmax(z_i)[y_i]``: the hard-label "student loss".
 
     Unlike ``torch.nn.CrossEntropyLoss`` it skips unlabeled samples (label -1) of a transfer set
-    and returns 0, not NaN, for a batch with no labels. See :func:`kdkit.functional.cross_entropy`.
-    Use it as a term that reads only the student and the labels:
-    ``Term(CrossEntropyLoss(), teacher=None, target=True)``.
+    and padding (-100), and returns 0, not NaN, for a batch with no labels. See
+    :func:`kdkit.functional.cross_entropy`. Use it as a term that reads only the student and the
+    labels: ``Term(CrossEntropyLoss(), teacher=None, target=True)``.
     """
 
-    needs_target: bool = True
+    needs_target = True
+    reads_teacher = False
+    takes_mask = True
 
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        return KF.cross_entropy(logits, target)
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        return KF.cross_entropy(
+            logits,
+            _require_target(self, target, "logits"),
+            mask=mask,
+            **_options(self, num_items_in_batch),
+        )
 
 
-class _LabeledSoftLoss(nn.Module):
+class _LabeledSoftLoss(DistillationLoss):
     """A soft loss that also reads the labels, with weights ``alpha``, ``beta`` and ``T``."""
 
-    needs_target: bool = True
-    formula: Callable[..., Tensor]
+    needs_target = True
+    takes_mask = True
+    formula: ClassVar[staticmethod]
 
-    def __init__(self, alpha: float, beta: float, temperature: float) -> None:
-        super().__init__()
-        self.alpha = KF._check_weight("alpha", alpha)
-        self.beta = KF._check_weight("beta", beta)
-        self.temperature = KF.check_temperature(temperature)
+    def __init__(
+        self, alpha: float, beta: float, temperature: float, *, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction)
+        self.alpha = check_weight("alpha", alpha)
+        self.beta = check_weight("beta", beta)
+        self.temperature = check_temperature(temperature)
 
-    def forward(self, student: Tensor, teacher: Tensor, target: Tensor | None = None) -> Tensor:
-        target = _require_target(self, target)
-        return type(self).formula(student, teacher, target, self.alpha, self.beta, self.temperature)
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        target: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        return type(self).formula(
+            student,
+            teacher,
+            _require_target(self, target, "student_logits, teacher_logits"),
+            self.alpha,
+            self.beta,
+            self.temperature,
+            mask=mask,
+            **_options(self, num_items_in_batch),
+        )
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}, "
+            f"reduction={self.reduction!r}"
+        )
 
 
 class HintonLoss(_LabeledSoftLoss):
     """``alpha * CE(y, z_s) + beta * T^2 * H(softmax(z_t / T), softmax(z_s / T))``.
 
     The combined loss of Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"
-    (hard term at ``T = 1``). See :func:`kdkit.functional.hinton_loss`.
+    (hard term at ``T = 1``). Labels -100 and ``mask`` drop a token from both terms; label -1
+    (unlabeled) from the hard term only. See :func:`kdkit.functional.hinton_loss`.
     """
 
     formula = staticmethod(KF.hinton_loss)
 
-    def __init__(self, alpha: float = 0.1, beta: float = 0.9, temperature: float = 4.0) -> None:
-        super().__init__(alpha, beta, temperature)
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        beta: float = 0.9,
+        temperature: float = 4.0,
+        *,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(alpha, beta, temperature, reduction=reduction)
 
 
 class DKDLoss(_LabeledSoftLoss):
     """Decoupled KD (Zhao et al., CVPR 2022): ``T^2 * (alpha * TCKD + beta * NCKD)``.
 
     TCKD: KL of the binary target / non-target distributions; NCKD: KL among the non-target
-    classes. See :func:`kdkit.functional.dkd`.
+    classes. Samples with a negative label or dropped by ``mask`` are left out. See
+    :func:`kdkit.functional.dkd`.
     """
 
     formula = staticmethod(KF.dkd)
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
-        super().__init__(alpha, beta, temperature)
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 8.0,
+        temperature: float = 4.0,
+        *,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(alpha, beta, temperature, reduction=reduction)
 
 
-class DISTLoss(nn.Module):
+class DISTLoss(DistillationLoss):
     """DIST (Huang et al., NeurIPS 2022): ``T^2 * (beta * inter + gamma * intra)``.
 
     ``inter = 1 - mean Pearson over classes per sample``, ``intra = 1 - mean Pearson over the
-    batch per class``, on ``softmax(z / T)``. See :func:`kdkit.functional.dist`.
+    batch per class``, on ``softmax(z / T)``. Token logits ``[B, L, C]`` are flattened to the
+    tokens ``mask`` keeps (all of them without a mask). Not per-sample: ``reduction`` is
+    ``"mean"`` only. See :func:`kdkit.functional.dist`.
     """
 
-    needs_target: bool = False
+    takes_mask = True
+    per_sample = False
 
-    def __init__(self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.beta = KF._check_weight("beta", beta)
-        self.gamma = KF._check_weight("gamma", gamma)
-        self.temperature = KF.check_temperature(temperature)
+    def __init__(
+        self,
+        beta: float = 1.0,
+        gamma: float = 1.0,
+        temperature: float = 1.0,
+        *,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction)
+        self.beta = check_weight("beta", beta)
+        self.gamma = check_weight("gamma", gamma)
+        self.temperature = check_temperature(temperature)
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return KF.dist(student, teacher, self.beta, self.gamma, self.temperature)
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        self.refuse_unread(mask, num_items_in_batch)
+        return KF.dist(
+            student,
+            teacher,
+            self.beta,
+            self.gamma,
+            self.temperature,
+            mask=mask,
+            validate_args=False,
+        )
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}"
 
 
-class MSEHiddenStatesLoss(nn.Module):
-    """Per-layer MSE between hidden states, averaged over layers (FitNets / TinyBERT hints).
+# --------------------------------------------------------------------------------------------
+# feature losses
+# --------------------------------------------------------------------------------------------
+
+
+class MSEHiddenStatesLoss(DistillationLoss):
+    """Per-layer MSE between hidden states, averaged over layers (Romero et al. 2015, "FitNets";
+    Jiao et al. 2020, "TinyBERT").
 
     ``loss = mean_l mean((f(W_l h_s,l) - f(h_t,l))^2)``: ``f`` is L2 normalisation over the
     feature dim when ``normalize`` (last dim of ``[B, D]`` / ``[B, L, D]``, channels of
     ``[B, C, H, W]``); ``W_l`` is the identity, or with ``need_mapping`` a learned
     ``nn.Linear(student_hidden_state_dim, teacher_hidden_state_dim)`` (applied over channels,
     i.e. a 1x1 conv, for 4D maps): one per layer when ``num_layers`` is given, else one shared.
-    See :func:`kdkit.functional.mse_hidden_states`.
+    ``reduction="none"``: per-sample ``[B]``, or per-token ``[B, L]`` with a mask. See
+    :func:`kdkit.functional.mse_hidden_states`.
     """
 
-    needs_target: bool = False
-    takes_mask: bool = True
+    takes_mask = True
 
     def __init__(
         self,
@@ -268,8 +408,10 @@ class MSEHiddenStatesLoss(nn.Module):
         teacher_hidden_state_dim: int | None = None,
         student_hidden_state_dim: int | None = None,
         num_layers: int | None = None,
+        *,
+        reduction: str = "mean",
     ) -> None:
-        super().__init__()
+        super().__init__(reduction)
         self.normalize = normalize
         self.need_mapping = need_mapping
         self.teacher_hidden_state_dim = teacher_hidden_state_dim
@@ -310,7 +452,12 @@ class MSEHiddenStatesLoss(nn.Module):
         return mapped.movedim(-1, 1) if channel_first else mapped
 
     def forward(
-        self, student: HiddenStates, teacher: HiddenStates, *, mask: Tensor | None = None
+        self,
+        student: HiddenStates,
+        teacher: HiddenStates,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
     ) -> Tensor:
         student_list = _as_list(student, "student")
         teacher_list = _as_list(teacher, "teacher")
@@ -322,103 +469,158 @@ class MSEHiddenStatesLoss(nn.Module):
                     "set num_layers=None to share one mapping"
                 )
             student_list = [self._map(i, s) for i, s in enumerate(student_list)]
-        return KF.mse_hidden_states(student_list, teacher_list, normalize=self.normalize, mask=mask)
+        return KF.mse_hidden_states(
+            student_list,
+            teacher_list,
+            normalize=self.normalize,
+            mask=mask,
+            **_options(self, num_items_in_batch),
+        )
 
     def extra_repr(self) -> str:
-        return f"normalize={self.normalize}, need_mapping={self.need_mapping}"
+        return (
+            f"normalize={self.normalize}, need_mapping={self.need_mapping}, "
+            f"reduction={self.reduction!r}"
+        )
 
 
-class CosineHiddenStatesLoss(nn.Module):
+class CosineHiddenStatesLoss(DistillationLoss):
     """``mean_l mean(1 - cos(h_s,l, h_t,l))`` over the feature dim (DistilBERT, Sanh et al. 2019).
 
-    See :func:`kdkit.functional.cosine_hidden_states`.
+    ``reduction="none"``: per-sample ``[B]``, or per-token ``[B, L]`` with a mask. See
+    :func:`kdkit.functional.cosine_hidden_states`.
     """
 
-    needs_target: bool = False
-    takes_mask: bool = True
+    takes_mask = True
 
     def forward(
-        self, student: HiddenStates, teacher: HiddenStates, *, mask: Tensor | None = None
+        self,
+        student: HiddenStates,
+        teacher: HiddenStates,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
     ) -> Tensor:
         return KF.cosine_hidden_states(
-            _as_list(student, "student"), _as_list(teacher, "teacher"), mask=mask
+            _as_list(student, "student"),
+            _as_list(teacher, "teacher"),
+            mask=mask,
+            **_options(self, num_items_in_batch),
         )
 
 
-class AttentionLoss(nn.Module):
-    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017).
+class AttentionLoss(DistillationLoss):
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to
+    Attention").
 
     ``mean_l mean((a(F_s,l) - a(F_t,l))^2)``, ``a(F) = normalize(flatten(mean_c |F_c|^p))``;
-    larger maps are pooled to the smaller spatial size. See
-    :func:`kdkit.functional.attention_transfer`.
+    larger maps are pooled to the smaller spatial size. Feature maps ``[B, C, H, W]`` only, so no
+    token mask. See :func:`kdkit.functional.attention_transfer`.
     """
 
-    needs_target: bool = False
+    def __init__(self, p: float = 2, *, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        self.p = check_attention_p(p)
 
-    def __init__(self, p: int = 2) -> None:
-        super().__init__()
-        if p <= 0:
-            raise ValueError(f"AttentionLoss: p must be > 0, got {p}; the paper uses p=2")
-        self.p = p
-
-    def forward(self, student: HiddenStates, teacher: HiddenStates) -> Tensor:
+    def forward(
+        self,
+        student: HiddenStates,
+        teacher: HiddenStates,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        self.refuse_unread(mask, num_items_in_batch)
         return KF.attention_transfer(
-            _as_list(student, "student"), _as_list(teacher, "teacher"), p=self.p
+            _as_list(student, "student"),
+            _as_list(teacher, "teacher"),
+            p=self.p,
+            **_options(self, num_items_in_batch),
         )
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, reduction={self.reduction!r}"
 
 
-class PKTLoss(nn.Module):
+class PKTLoss(DistillationLoss):
     """Probabilistic Knowledge Transfer (Passalis & Tefas, ECCV 2018).
 
-    KL between the teacher's and the student's cosine-kernel conditional probabilities over the
-    batch. See :func:`kdkit.functional.pkt`.
+    ``mean_ij P^t_ij log((P^t_ij + eps) / (P^s_ij + eps))``: KL between the teacher's and the
+    student's cosine-kernel conditional probabilities over the batch. Not per-sample:
+    ``reduction`` is ``"mean"`` only. See :func:`kdkit.functional.pkt`.
     """
 
-    needs_target: bool = False
+    per_sample = False
 
-    def __init__(self, eps: float = 1e-7) -> None:
-        super().__init__()
+    def __init__(self, eps: float = 1e-7, *, reduction: str = "mean") -> None:
+        super().__init__(reduction)
         self.eps = eps
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        self.refuse_unread(mask, num_items_in_batch)
         return KF.pkt(student, teacher, self.eps)
 
 
-class RKDLoss(nn.Module):
-    """Relational KD (Park et al., CVPR 2019): distance-wise + angle-wise smooth-L1 terms.
+class RKDLoss(DistillationLoss):
+    """Relational KD (Park et al., CVPR 2019): ``distance_weight * smoothL1(psi_D^s, psi_D^t) +
+    angle_weight * smoothL1(psi_A^s, psi_A^t)`` over the batch's pairwise distances and angles.
 
-    See :func:`kdkit.functional.rkd`.
+    Not per-sample: ``reduction`` is ``"mean"`` only. See :func:`kdkit.functional.rkd`.
     """
 
-    needs_target: bool = False
+    per_sample = False
 
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0) -> None:
-        super().__init__()
-        self.distance_weight = KF._check_weight("distance_weight", distance_weight)
-        self.angle_weight = KF._check_weight("angle_weight", angle_weight)
+    def __init__(
+        self, distance_weight: float = 25.0, angle_weight: float = 50.0, *, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction)
+        self.distance_weight = check_weight("distance_weight", distance_weight)
+        self.angle_weight = check_weight("angle_weight", angle_weight)
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return KF.rkd(student, teacher, self.distance_weight, self.angle_weight)
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        self.refuse_unread(mask, num_items_in_batch)
+        return KF.rkd(
+            student, teacher, self.distance_weight, self.angle_weight, validate_args=False
+        )
 
     def extra_repr(self) -> str:
         return f"distance_weight={self.distance_weight}, angle_weight={self.angle_weight}"
 
 
-class FitNetsLoss(nn.Module):
+class FitNetsLoss(DistillationLoss):
     """FitNets hint loss (Romero et al., ICLR 2015): ``mean((r(h_s) - h_t)^2)``.
 
     ``r`` is a learned regressor on the student side: a 1x1 conv (``kind="conv"``, maps
     ``[B, C_s, H, W]``) or a linear layer (``kind="linear"``, maps the last dim of ``[B, D]`` /
-    ``[B, L, D]``) from ``student_channels`` to ``teacher_channels``.
+    ``[B, L, D]``) from ``student_channels`` to ``teacher_channels``. A token mask applies to
+    ``[B, L, D]`` features.
     """
 
-    needs_target: bool = False
+    takes_mask = True
 
-    def __init__(self, student_channels: int, teacher_channels: int, kind: str = "conv") -> None:
-        super().__init__()
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        kind: str = "conv",
+        *,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction)
         if kind == "conv":
             self.regressor: nn.Module = nn.Conv2d(student_channels, teacher_channels, 1)
         elif kind == "linear":
@@ -432,7 +634,14 @@ class FitNetsLoss(nn.Module):
         self.student_channels = student_channels
         self.teacher_channels = teacher_channels
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def forward(
+        self,
+        student: Tensor,
+        teacher: Tensor,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
         channel_dim = 1 if self.kind == "conv" else -1
         if (self.kind == "conv" and student.dim() != 4) or (
             student.shape[channel_dim] != self.student_channels
@@ -442,7 +651,15 @@ class FitNetsLoss(nn.Module):
                 f"FitNetsLoss(kind={self.kind!r}) expects student features {expected} = "
                 f"{self.student_channels}, got shape {tuple(student.shape)}"
             )
-        return KF.mse_hidden_states([self.regressor(student)], [teacher])
+        return KF.mse_hidden_states(
+            [self.regressor(student)],
+            [teacher],
+            mask=mask,
+            **_options(self, num_items_in_batch),
+        )
 
     def extra_repr(self) -> str:
-        return f"{self.student_channels} -> {self.teacher_channels}, kind={self.kind!r}"
+        return (
+            f"{self.student_channels} -> {self.teacher_channels}, kind={self.kind!r}, "
+            f"reduction={self.reduction!r}"
+        )

@@ -65,7 +65,7 @@ def _check_replayable(dataset: Dataset, n: int, epochs: int) -> None:
         for i in _probe_indices(n):
             if _sample_hash(dataset[i]) != _sample_hash(dataset[i]):
                 where = (
-                    "inside SeededViews (the base dataset or transform uses an RNG that is not "
+                    " inside SeededViews (the base dataset or transform uses an RNG that is not "
                     "torch's, Python's or NumPy's global one)"
                     if views is not None
                     else ""
