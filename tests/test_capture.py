@@ -453,7 +453,7 @@ def test_config_exclude_first_and_last_reaches_the_terms():
     from hydra import compose, initialize_config_dir
 
     from kdkit.cli import CONFIG_DIR
-    from kdkit.pipeline.build import build_terms
+    from kdkit.config import terms_from_config
 
     overrides = [
         "distill=at",
@@ -464,5 +464,5 @@ def test_config_exclude_first_and_last_reaches_the_terms():
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    term = build_terms(cfg)["at"]
+    term = terms_from_config(cfg.distill)["at"]
     assert term.student == ["block2"] and term.teacher == ["block2"]

@@ -408,9 +408,9 @@ def map_layers(
 
     * ``"uniform"`` (TinyBERT's uniform mapping, Jiao et al. 2020): with 1-indexed layers,
       student layer ``m`` learns from teacher layer ``g(m) = m * N / n`` (every ``N / n``-th
-      teacher layer, ending at the last). When ``n`` does not divide ``N``, ``g(m)`` is rounded to the
-      nearest layer (ties to the even one, Python's ``round``), so the deepest teacher layer is
-      always used and the others stay evenly spread. 0-indexed: 12 -> 6 gives teacher
+      teacher layer, ending at the last). When ``n`` does not divide ``N``, ``g(m)`` is rounded
+      to the nearest layer (ties to the even one, Python's ``round``), so the deepest teacher
+      layer is always used and the others stay evenly spread. 0-indexed: 12 -> 6 gives teacher
       1, 3, 5, 7, 9, 11; 12 -> 4 gives 2, 5, 8, 11; 12 -> 5 gives 1, 4, 6, 9, 11. The same rule
       as :func:`pair_layers`, which applies it to lists of paths.
     * ``"skip"`` (PKD-Skip, Sun et al. 2019, "Patient Knowledge Distillation for BERT Model
