@@ -229,7 +229,11 @@ def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_cache_then_distill_from_it(run_dir: Path, tmp_path: Path) -> None:
+def test_cache_then_distill_from_it(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdkit.cache import TeacherCache
+
     teacher = run_dir / "teacher/model.pt"
     cache_dir = tmp_path / "cache"
     kdkit(
@@ -240,6 +244,15 @@ def test_cache_then_distill_from_it(run_dir: Path, tmp_path: Path) -> None:
         "data.augment=false",
     )
     assert (cache_dir / "meta.json").is_file()
+    checks = []
+    original_check = TeacherCache.check
+
+    def counted(self, **kwargs):  # noqa: ANN001, ANN003
+        if kwargs.get("dataset") is not None:  # hashes every array of the training split
+            checks.append(kwargs)
+        return original_check(self, **kwargs)
+
+    monkeypatch.setattr(TeacherCache, "check", counted)
     out = tmp_path / "d"
     kdkit(
         "distill",
@@ -250,6 +263,7 @@ def test_cache_then_distill_from_it(run_dir: Path, tmp_path: Path) -> None:
         "evaluate.latency=false",
     )
     assert isinstance(load_model(out / "distilled/model.pt"), MLP)
+    assert len(checks) == 1  # the training split is hashed against the cache once per run
     metrics = json.loads((out / "distilled/metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
 

@@ -78,16 +78,17 @@ def check_cache_features(cfg: DictConfig, datamodule: Any, teacher: nn.Module | 
     return cache
 
 
-def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) -> None:
+def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) -> Any:
     """Fail before any training if ``cfg.distill`` cannot run with this student and teacher.
 
     Builds an untrained student and the Distiller (which probes adapter shapes) and runs one
     loss evaluation on a few validation samples; ``teacher`` may be untrained (only shapes
-    matter). Without a teacher module (a cache only) just the cache is checked.
+    matter). With ``distill.teacher_cache`` the cache is opened and checked instead, and
+    returned (pass it on to :func:`distill_student`, so it is checked once); else None.
     """
     cache = check_cache_features(cfg, datamodule, teacher)
     if cache is not None or teacher is None:
-        return
+        return cache
     terms = terms_from_config(cfg.distill)
     rng = torch.random.get_rng_state()
     try:
@@ -112,20 +113,26 @@ def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) 
         raise ValueError(msg) from None
     finally:
         torch.random.set_rng_state(rng)
+    return None
 
 
 def build_distiller(
-    cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, datamodule: Any
+    cfg: DictConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    datamodule: Any,
+    cache: Any = None,
 ) -> Distiller:
+    """The Distiller of ``cfg.distill``; ``cache``: the teacher cache already opened (and
+    checked) by :func:`check_feasible`, else it is opened here when configured."""
     terms = terms_from_config(cfg.distill)
     needs_probe = any(t.adapter not in (None, "identity") for t in terms.values())
     example = None
     if needs_probe:
         x = next(iter(datamodule.train_dataloader()))[0]
         example = x[:PROBE_BATCH]
-    return Distiller(
-        student, _teacher_source(cfg, teacher, datamodule), terms, example_input=example
-    )
+    source = cache if cache is not None else _teacher_source(cfg, teacher, datamodule)
+    return Distiller(student, source, terms, example_input=example)
 
 
 def distill_student(
@@ -136,8 +143,10 @@ def distill_student(
     *,
     resume: Resume = False,
     prefer: Path | None = None,
+    cache: Any = None,
 ) -> StageResult:
-    """Distil ``cfg.student`` from ``teacher``; writes ``<run>/<stage>/model.pt``.
+    """Distil ``cfg.student`` from ``teacher`` (or ``cache``, the opened teacher cache that
+    :func:`check_feasible` returned); writes ``<run>/<stage>/model.pt``.
 
     The student is initialised exactly like the scratch student (same seed, same order of
     random draws) and the data stream is re-seeded before fitting. Teacher and student see the
@@ -145,7 +154,7 @@ def distill_student(
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student, spec = build_model(cfg, "student", datamodule.num_classes, datamodule.input_shape)
-    distiller = build_distiller(cfg, student, teacher, datamodule)
+    distiller = build_distiller(cfg, student, teacher, datamodule, cache)
     optimizer, scheduler = build_optimizer_factories(cfg)
     module = DistillationModule(
         distiller,

@@ -63,11 +63,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resume = resume_mode(cfg, run_command=True)
     if cfg.teacher.checkpoint:
         teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
-        check_feasible(cfg, dm, teacher)
+        cache = check_feasible(cfg, dm, teacher)
     else:
         # Shapes are all the check needs: an untrained teacher, so a bad method fails in seconds.
         untrained, teacher_spec = build_model(cfg, "teacher", dm.num_classes, dm.input_shape)
-        check_feasible(cfg, dm, untrained)
+        cache = check_feasible(cfg, dm, untrained)
         del untrained
     teacher_name = str(teacher_spec["name"])
     prefer = None
@@ -84,7 +84,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         prefer=prefer,
     )
     prefer = prefer or scratch.resumed_run_dir
-    distilled = distill_student(cfg, dm, teacher, "distilled", resume=resume, prefer=prefer)
+    distilled = distill_student(
+        cfg, dm, teacher, "distilled", resume=resume, prefer=prefer, cache=cache
+    )
     if not _is_rank_zero():
         return {}
     t_logits = teacher_test_logits(teacher, dm)
@@ -149,8 +151,10 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     if cfg.teacher.checkpoint or not cfg.distill.teacher_cache:
         teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
         teacher_name = str(teacher_spec["name"])
-    check_feasible(cfg, dm, teacher)
-    distilled = distill_student(cfg, dm, teacher, "distilled", resume=resume_mode(cfg))
+    cache = check_feasible(cfg, dm, teacher)
+    distilled = distill_student(
+        cfg, dm, teacher, "distilled", resume=resume_mode(cfg), cache=cache
+    )
     if not _is_rank_zero():
         return {}
     entry = evaluate_model(
