@@ -152,9 +152,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
         teacher_name = str(teacher_spec["name"])
     cache = check_feasible(cfg, dm, teacher)
-    distilled = distill_student(
-        cfg, dm, teacher, "distilled", resume=resume_mode(cfg), cache=cache
-    )
+    distilled = distill_student(cfg, dm, teacher, "distilled", resume=resume_mode(cfg), cache=cache)
     if not _is_rank_zero():
         return {}
     entry = evaluate_model(
