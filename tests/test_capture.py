@@ -391,10 +391,33 @@ def test_map_layers_other_counts():
         ("s2", "t8"),
         ("s3", "t11"),
     ]
-    # remainder teacher layers at the top are unused
-    assert [t for _, t in map_layers("s{i}", "t{i}", 5, 12)] == ["t1", "t3", "t5", "t7", "t9"]
+    # counts that do not divide: the nearest layer to m * N / n, the deepest one kept
+    assert [t for _, t in map_layers("s{i}", "t{i}", 5, 12)] == ["t1", "t4", "t6", "t9", "t11"]
     assert map_layers("s{i}", "t{i}", 3, 3) == [("s0", "t0"), ("s1", "t1"), ("s2", "t2")]
     assert map_layers("s{i}", "t{i}", 2, 6, "last") == [("s0", "t4")]
+
+
+@pytest.mark.parametrize(
+    ("n", "teacher"),
+    [
+        (6, [2, 4, 6, 8, 10, 12]),  # TinyBERT: g(m) = m * N / n, 1-indexed
+        (4, [3, 6, 9, 12]),
+        (5, [2, 5, 7, 10, 12]),  # round(m * 12 / 5): 2.4, 4.8, 7.2, 9.6, 12
+    ],
+)
+def test_map_layers_and_pair_layers_share_tinyberts_uniform_rule(n: int, teacher: list[int]):
+    from kdkit.capture import pair_layers
+
+    want = [f"t{g - 1}" for g in teacher]  # the paths are 0-indexed
+    assert [t for _, t in map_layers("s{i}", "t{i}", n, 12)] == want
+    students = [f"s{i}" for i in range(n)]
+    assert pair_layers(students, [f"t{i}" for i in range(12)]) == (students, want)
+    # and with the roles swapped (a longer student list is sampled the same way)
+    assert pair_layers([f"t{i}" for i in range(12)], students) == (want, students)
+    # PKD-Skip is the uniform map without its final pair
+    assert map_layers("s{i}", "t{i}", n, 12, "skip") == list(
+        zip(students[:-1], want[:-1], strict=True)
+    )
 
 
 def test_map_layers_errors():
@@ -430,7 +453,7 @@ def test_config_exclude_first_and_last_reaches_the_terms():
     from hydra import compose, initialize_config_dir
 
     from kdkit.cli import CONFIG_DIR
-    from kdkit.pipeline.build import build_terms
+    from kdkit.config import terms_from_config
 
     overrides = [
         "distill=at",
@@ -441,5 +464,5 @@ def test_config_exclude_first_and_last_reaches_the_terms():
     ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    term = build_terms(cfg)["at"]
+    term = terms_from_config(cfg.distill)["at"]
     assert term.student == ["block2"] and term.teacher == ["block2"]

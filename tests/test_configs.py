@@ -13,7 +13,8 @@ from omegaconf import OmegaConf
 
 from kdkit import Distiller, Term
 from kdkit.cli import CONFIG_DIR
-from kdkit.pipeline.build import build_terms, spec_for
+from kdkit.config import terms_from_config
+from kdkit.pipeline.build import spec_for
 from kdkit.pipeline.checkpoint import build_from_spec
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "distill").glob("*.yaml"))
@@ -77,7 +78,7 @@ def test_experiment_composes_and_resolves(experiment: str) -> None:
     assert isinstance(opt, torch.optim.Optimizer)
     if cfg.scheduler is not None:
         instantiate(cfg.scheduler)(opt)
-    terms = build_terms(cfg)
+    terms = terms_from_config(cfg.distill)
     assert all(isinstance(t, Term) for t in terms.values())
 
 
@@ -96,7 +97,7 @@ def test_cifar100_preset_is_the_mdistiller_protocol() -> None:
     sched = instantiate(cfg.scheduler)(opt)
     assert isinstance(sched, torch.optim.lr_scheduler.MultiStepLR)
     assert sorted(sched.milestones) == [150, 180, 210] and sched.gamma == 0.1
-    terms = build_terms(cfg)
+    terms = terms_from_config(cfg.distill)
     assert terms["ce"].weight == 0.1 and terms["kd"].weight == 0.9
     assert terms["kd"].loss.temperature == 4.0
     assert cfg.data.download is False
@@ -114,8 +115,9 @@ def test_cifar10_preset_is_seed_002() -> None:
 @pytest.mark.parametrize("method", METHODS)
 def test_method_builds_a_distiller_with_finite_loss(method: str) -> None:
     cfg = _compose([f"distill={method}", *TINY])
-    terms = build_terms(cfg)
-    assert set(terms) == set(cfg.distill.terms)
+    terms = terms_from_config(cfg.distill)
+    # a term set to null in the method file (hinton's ce) is left out
+    assert set(terms) == {name for name, node in cfg.distill.terms.items() if node is not None}
     torch.manual_seed(0)
     teacher = build_from_spec(spec_for(cfg, "teacher", 10, (1, 8, 8)))
     student = build_from_spec(spec_for(cfg, "student", 10, (1, 8, 8)))
@@ -129,22 +131,39 @@ def test_method_builds_a_distiller_with_finite_loss(method: str) -> None:
     assert not any(k.startswith("teacher") for k in distiller.state_dict())
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_method_file_outside_hydra_matches_the_composed_one(method: str) -> None:
+    # Distiller.from_config reads the method files with OmegaConf; their shared block comes
+    # from Hydra's defaults list (configs/_distill_base.yaml), which it must merge the same way.
+    from kdkit.config import load_distill_config
+
+    composed = _compose(["~experiment", f"distill={method}", *TINY])  # no preset overrides
+    context = {
+        role: {k: composed[role][k] for k in ("feature_layers", "embedding_layer")}
+        for role in ("student", "teacher")
+    }
+    loaded = load_distill_config(method, context)
+    assert OmegaConf.to_container(loaded, resolve=True) == OmegaConf.to_container(
+        composed.distill, resolve=True
+    )
+
+
 def test_kd_weights_and_temperature_follow_the_top_level_keys() -> None:
     cfg = _compose(["distill=kd", "distill.temperature=2.5", "distill.kd_weight=0.3"])
-    terms = build_terms(cfg)
+    terms = terms_from_config(cfg.distill)
     assert terms["kd"].loss.temperature == 2.5 and terms["kd"].weight == 0.3
     assert terms["ce"].teacher is None and terms["ce"].reads_target
 
 
 def test_unequal_feature_lists_are_paired_keeping_the_deepest() -> None:
     cfg = _compose(["distill=fitnet", "student.feature_layers=[block3]"])
-    terms = build_terms(cfg)
+    terms = terms_from_config(cfg.distill)
     assert terms["hint"].student == ["block3"] and terms["hint"].teacher == ["block3"]
 
 
 def test_term_can_be_removed_by_override() -> None:
     cfg = _compose(["distill=kd", "~distill.terms.ce"])
-    assert list(build_terms(cfg)) == ["kd"]
+    assert list(terms_from_config(cfg.distill)) == ["kd"]
 
 
 @pytest.mark.parametrize(
@@ -180,3 +199,23 @@ def test_experiment_name_follows_the_data() -> None:
     assert _compose(["experiment=cifar10_resnet50_resnet18"]).experiment_name == (
         "cifar10_resnet50_resnet18"
     )
+
+
+MODEL_CONFIGS = [
+    (role, p.stem)
+    for role in ("student", "teacher")
+    for p in sorted((Path(CONFIG_DIR) / role).glob("*.yaml"))
+]
+
+
+@pytest.mark.parametrize(("role", "option"), MODEL_CONFIGS)
+def test_feature_layers_are_the_models_own_feature_points(role: str, option: str) -> None:
+    # One source of truth: a model config's feature_layers are the feature points the model
+    # registers (feature_paths), and they, and the embedding layer, exist in the built model.
+    cfg = _compose([f"{role}={option}"])
+    shape = (3, 32, 32) if cfg.data.name != "digits" else (1, 8, 8)
+    model = build_from_spec(spec_for(cfg, role, 10, shape))
+    layers = list(cfg[role].feature_layers)
+    assert layers and layers == list(model.feature_paths)
+    for path in [*layers, cfg[role].embedding_layer]:
+        model.get_submodule(path)

@@ -149,11 +149,16 @@ def test_measure_latency_reports_median_in_ms(monkeypatch: pytest.MonkeyPatch) -
     clock = _FakeClock()
     calls: list[int] = []
 
+    # torch's Timer: timeit(n) runs 2 untimed calls, then n timed ones. Per batch size:
+    # timeit(warmup=2) -> 4 calls, then repeats=5 x timeit(1) -> 5 x 3 calls.
+    per_size = 4 + 5 * 3
+    first_timed_batch_run = per_size + 4 + 3
+
     class Timed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             calls.append(x.shape[0])
             # 2 ms per sample, except that one timed batch run is a 1-second outlier.
-            extra = 1.0 if len(calls) == 10 else 0.0  # first timed full-batch run
+            extra = 1.0 if len(calls) == first_timed_batch_run else 0.0
             clock.now += 0.002 * x.shape[0] + extra
             return x
 
@@ -163,7 +168,7 @@ def test_measure_latency_reports_median_in_ms(monkeypatch: pytest.MonkeyPatch) -
     result = measure_latency(model, (torch.zeros(5, 3), torch.zeros(5)), repeats=5, warmup=2)
     assert result["latency_ms_per_sample"] == pytest.approx(2.0)
     assert result["latency_ms_per_batch"] == pytest.approx(10.0)  # median ignores the outlier
-    assert calls == [1] * 7 + [5] * 7  # warmup + repeats for each batch size
+    assert calls == [1] * per_size + [5] * per_size  # warmup + repeats for each batch size
     assert result["batch_size"] == 5
     assert result["num_threads"] == 1
     assert result["device"] == "cpu"

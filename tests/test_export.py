@@ -151,3 +151,16 @@ def test_torchscript_mismatch_leaves_no_file(tmp_path: Path) -> None:
     with pytest.raises(ExportMismatchError, match="max abs diff"):
         export_torchscript(ShapeFrozen(), torch.ones(2, 3), tmp_path / "frozen.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_onnx_returns_the_checks_result(tmp_path: Path) -> None:
+    from kdkit.export import ExportedPath
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    path = export_onnx(model, x, tmp_path / "mlp.onnx")
+    assert isinstance(path, ExportedPath) and path == tmp_path / "mlp.onnx"
+    assert path.max_abs_diff is not None and 0.0 <= path.max_abs_diff <= 1e-4
+    assert path.max_abs_diff >= check_onnx(path, model, x)  # the worst of the checked batches
+    unchecked = export_onnx(model, x, tmp_path / "unchecked.onnx", check=False)
+    assert unchecked.max_abs_diff is None

@@ -98,7 +98,7 @@ def test_report_rebuilds_from_the_run_folder(run_dir: Path, tmp_path: Path) -> N
 
 
 def test_export_onnx_matches_torch(
-    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     ort = pytest.importorskip("onnxruntime")
     with pytest.warns() as record:
@@ -107,11 +107,11 @@ def test_export_onnx_matches_torch(
         warnings.warn("sentinel", UserWarning, stacklevel=1)  # pytest.warns needs one
         kdkit("export", f"checkpoint={run_dir / 'distilled/model.pt'}", f"hydra.run.dir={tmp_path}")
     assert not [w for w in record if "Tracer" in type(w.message).__name__]
-    assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir"))]
-    out = capsys.readouterr().out
-    assert "ONNX checked in onnxruntime: max |diff| = " in out and "(atol 0.0001)" in out
-    assert f"onnx written: {tmp_path / 'model.onnx'}" in out
-    assert f"torchscript written: {tmp_path / 'model.ts'}" in out
+    err = capsys.readouterr().err  # kdkit's log; the exporters' own chatter is silenced
+    assert not [line for line in err.splitlines() if "onnxscript" in line or "onnx_ir" in line]
+    assert "ONNX checked in onnxruntime: max |diff| = " in err and "(atol 0.0001)" in err
+    assert f"onnx written: {tmp_path / 'model.onnx'}" in err
+    assert f"torchscript written: {tmp_path / 'model.ts'}" in err
     assert (tmp_path / "model.ts").is_file()
     model = load_model(run_dir / "distilled/model.pt")
     x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -229,7 +229,11 @@ def test_atomic_checkpoint_io_keeps_the_old_file_on_failure(
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_cache_then_distill_from_it(run_dir: Path, tmp_path: Path) -> None:
+def test_cache_then_distill_from_it(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kdkit.cache import TeacherCache
+
     teacher = run_dir / "teacher/model.pt"
     cache_dir = tmp_path / "cache"
     kdkit(
@@ -240,6 +244,15 @@ def test_cache_then_distill_from_it(run_dir: Path, tmp_path: Path) -> None:
         "data.augment=false",
     )
     assert (cache_dir / "meta.json").is_file()
+    checks = []
+    original_check = TeacherCache.check
+
+    def counted(self, **kwargs):  # noqa: ANN001, ANN003
+        if kwargs.get("dataset") is not None:  # hashes every array of the training split
+            checks.append(kwargs)
+        return original_check(self, **kwargs)
+
+    monkeypatch.setattr(TeacherCache, "check", counted)
     out = tmp_path / "d"
     kdkit(
         "distill",
@@ -250,6 +263,7 @@ def test_cache_then_distill_from_it(run_dir: Path, tmp_path: Path) -> None:
         "evaluate.latency=false",
     )
     assert isinstance(load_model(out / "distilled/model.pt"), MLP)
+    assert len(checks) == 1  # the training split is hashed against the cache once per run
     metrics = json.loads((out / "distilled/metrics.json").read_text())
     assert 0.0 <= metrics["accuracy"] <= 1.0
 
@@ -317,7 +331,7 @@ def test_ckpt_path_last_resumes_only_a_matching_run(
 
     # the same method and model: resumed, and said so
     kdkit("distill", teacher, *quick, "hydra.run.dir=runs/digits/d", "ckpt_path=last")
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # the log
     assert f"resuming from {kd_ckpt} (epoch 1; already complete, reusing it)" in out
 
 

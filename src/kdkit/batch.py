@@ -7,7 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+
+UNLABELED = -1
+"""The label of an unlabeled sample of a transfer set (the teacher labels it)."""
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
@@ -23,14 +27,9 @@ def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
 
 
 def to_device(inputs: Any, device: torch.device | str) -> Any:
-    """Move the tensors of ``inputs`` (a tensor, tuple/list or mapping) to ``device``."""
-    if isinstance(inputs, Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, Mapping):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, tuple | list):
-        return type(inputs)(to_device(v, device) for v in inputs)
-    return inputs
+    """Move the tensors of ``inputs`` (a tensor, or tensors nested in tuples, lists, mappings
+    and dataclasses) to ``device``; other values are kept as they are."""
+    return apply_to_collection(inputs, Tensor, Tensor.to, device)
 
 
 def call_model(model: nn.Module | Any, inputs: Any) -> Any:

@@ -404,20 +404,21 @@ def map_layers(
     """Pair student layers with teacher layers for layer-wise (hidden-state) distillation.
 
     Patterns are formatted with ``{i}`` = 0-based layer index, e.g. ``"encoder.layer.{i}"``.
-    With ``n`` student layers, ``N`` teacher layers and ``k = N // n``:
+    With ``n`` student layers and ``N`` teacher layers:
 
-    * ``"uniform"`` (TinyBERT's uniform mapping, Jiao et al. 2020): student layer ``j`` learns
-      from teacher layer ``(j + 1) * k - 1`` for ``j = 0..n-1``, i.e. every k-th teacher layer,
-      ending at the last one when ``n`` divides ``N``. 12 -> 6: teacher 1, 3, 5, 7, 9, 11.
+    * ``"uniform"`` (TinyBERT's uniform mapping, Jiao et al. 2020): with 1-indexed layers,
+      student layer ``m`` learns from teacher layer ``g(m) = m * N / n`` (every ``N / n``-th
+      teacher layer, ending at the last). When ``n`` does not divide ``N``, ``g(m)`` is rounded
+      to the nearest layer (ties to the even one, Python's ``round``), so the deepest teacher
+      layer is always used and the others stay evenly spread. 0-indexed: 12 -> 6 gives teacher
+      1, 3, 5, 7, 9, 11; 12 -> 4 gives 2, 5, 8, 11; 12 -> 5 gives 1, 4, 6, 9, 11. The same rule
+      as :func:`pair_layers`, which applies it to lists of paths.
     * ``"skip"`` (PKD-Skip, Sun et al. 2019, "Patient Knowledge Distillation for BERT Model
-      Compression"): the same every-k-th teacher layers but without the final one (the final
-      layer is distilled through the logits), paired with student layers ``0..n-2``.
+      Compression"): the ``"uniform"`` pairs without the final one (the final layer is
+      distilled through the logits), i.e. student layers ``0..n-2``.
       12 -> 6: student 0..4 <- teacher 1, 3, 5, 7, 9.
     * ``"last"`` (PKD-Last, same paper): the ``n - 1`` teacher layers just before the final one,
       ``N-n .. N-2``, paired with student layers ``0..n-2``. 12 -> 6: teacher 6, 7, 8, 9, 10.
-
-    When ``n`` does not divide ``N`` the remainder teacher layers at the top are not used by
-    ``"uniform"`` / ``"skip"`` (12 -> 5 gives teacher 1, 3, 5, 7, 9 for ``"uniform"``).
 
     Returns:
         ``[(student_path, teacher_path), ...]`` in student-layer order.
@@ -449,9 +450,9 @@ def map_layers(
                 f"{name} must contain '{{i}}' for the layer index, got {pattern!r} "
                 f"(e.g. 'encoder.layer.{{i}}')"
             )
-    k = big_n // n
+    uniform = list(enumerate(_uniform_indices(big_n, n)))
     if strategy == "uniform":
-        pairs = [(j, (j + 1) * k - 1) for j in range(n)]
+        pairs = uniform
     elif strategy in ("skip", "last"):
         if n < 2:
             raise ValueError(
@@ -459,7 +460,7 @@ def map_layers(
                 f"student layers, got num_student_layers={n}; use strategy='uniform'"
             )
         if strategy == "skip":
-            pairs = [(j, (j + 1) * k - 1) for j in range(n - 1)]
+            pairs = uniform[:-1]
         else:
             pairs = [(j, big_n - n + j) for j in range(n - 1)]
     else:
@@ -475,9 +476,10 @@ def pair_layers(
 ) -> tuple[list[str], list[str]]:
     """Pair two lists of layer paths for a feature term, shallowest to deepest.
 
-    Lists of equal length pair in order. Otherwise the longer list is sampled uniformly down
-    to the shorter one's length, keeping its deepest layer (TinyBERT's uniform mapping, as
-    :func:`map_layers` ``"uniform"``: 12 -> 6 keeps layers 1, 3, 5, 7, 9, 11).
+    Lists of equal length pair in order. Otherwise the longer list is sampled down to the
+    shorter one's length with :func:`map_layers`' ``"uniform"`` rule (TinyBERT's mapping,
+    keeping the deepest layer): 12 -> 6 keeps layers 1, 3, 5, 7, 9, 11, 12 -> 5 keeps
+    1, 4, 6, 9, 11 (0-indexed).
 
     ``exclude_first_and_last`` first drops the first and the last entry of each list, as the
     attention-transfer callback of the seed library does by default for lists of hidden states
@@ -501,7 +503,15 @@ def pair_layers(
         )
 
     def uniform(paths: list[str]) -> list[str]:
-        step = len(paths) / n
-        return [paths[round((i + 1) * step) - 1] for i in range(n)]
+        return [paths[i] for i in _uniform_indices(len(paths), n)]
 
     return uniform(student), uniform(teacher)
+
+
+def _uniform_indices(total: int, count: int) -> list[int]:
+    """0-indexed layers ``g(m) - 1`` with ``g(m) = round(m * total / count)``, ``m = 1..count``.
+
+    TinyBERT's uniform mapping (``g(m) = m * N / M`` when ``M`` divides ``N``); otherwise the
+    nearest layer, ties to the even one. The last index is always ``total - 1``.
+    """
+    return [round(m * total / count) - 1 for m in range(1, count + 1)]

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from kdkit.pipeline import resolvers  # noqa: F401  (the configs' ${kdkit.*} resolvers)
+
 _SWITCHES = {"-m", "--multirun", "--run", "-r", "--resolve", "--hydra-help", "--version"}
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
@@ -49,21 +51,29 @@ def usage() -> str:
 
 
 def _task(cfg) -> None:  # noqa: ANN001  (Hydra passes a DictConfig)
-    from kdkit.pipeline.run import dispatch
-    from kdkit.pipeline.train import StageInterrupted
+    from hydra.errors import InstantiationException
 
+    from kdkit.pipeline.log import get_logger
+    from kdkit.pipeline.run import dispatch
+    from kdkit.pipeline.stage import StageInterrupted
+
+    log = get_logger("kdkit.cli")
     try:
         dispatch(cfg)
     except StageInterrupted as exc:
         # Ctrl-C: the message is the resume command; 130 is the shell's code for SIGINT.
-        print(f"kdkit {cfg.command}: {exc}", file=sys.stderr, flush=True)
+        log.error("kdkit %s: %s", cfg.command, exc)
         raise SystemExit(130) from exc
     except KeyboardInterrupt as exc:  # outside a fit (data loading, evaluation): no checkpoint
-        print(f"kdkit {cfg.command}: interrupted", file=sys.stderr, flush=True)
+        log.error("kdkit %s: interrupted", cfg.command)
         raise SystemExit(130) from exc
-    except (ValueError, FileNotFoundError) as exc:
-        # Our errors name the value and the fix; a traceback would bury that.
-        print(f"kdkit {cfg.command}: error: {exc}", file=sys.stderr, flush=True)
+    except (ValueError, FileNotFoundError, InstantiationException) as exc:
+        # Our errors name the value and the fix; a traceback would bury that. Hydra wraps the
+        # errors of the objects it builds from config (data=, optimizer=): report the cause.
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) else exc
+        if not isinstance(cause, ValueError | FileNotFoundError):
+            raise
+        log.error("kdkit %s: %s", cfg.command, cause)
         raise SystemExit(2) from exc
 
 

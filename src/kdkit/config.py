@@ -48,9 +48,25 @@ def load_distill_config(
             path = METHODS_DIR / f"{config}.yaml"
         if not path.is_file():
             raise FileNotFoundError(f"distill config file {path.resolve()} does not exist.")
-        node = OmegaConf.load(path)
+        node = _with_defaults(OmegaConf.load(path))
     root = OmegaConf.create({**dict(context or {}), "distill": node})
     return root.distill
+
+
+def _with_defaults(node: Any) -> Any:
+    """Merge what a method file lists in its Hydra ``defaults`` (``/_distill_base@_here_``, the
+    block every shipped method shares), which plain OmegaConf does not read."""
+    if not isinstance(node, DictConfig) or "defaults" not in node:
+        return node
+    parts, has_self = [], False
+    for entry in node.pop("defaults"):
+        if entry == "_self_":
+            parts.append(node)
+            has_self = True
+        else:
+            name = str(entry).split("@", 1)[0].lstrip("/")
+            parts.append(OmegaConf.load(METHODS_DIR.parent / f"{name}.yaml"))
+    return OmegaConf.merge(*parts, *([] if has_self else [node]))
 
 
 def terms_from_config(distill: DictConfig) -> dict[str, Term]:

@@ -6,9 +6,9 @@ in the train/eval mode it found it in.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -24,6 +24,7 @@ from torchmetrics.functional.classification import (
 
 from kdkit.batch import call_model, to_device, unpack_batch
 from kdkit.capture import select_tensor
+from kdkit.models.registry import count_parameters
 
 __all__ = [
     "count_parameters",
@@ -145,11 +146,6 @@ def metrics_from_logits(
     }
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (shared parameters counted once)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 def size_on_disk(model: nn.Module) -> int:
     """Bytes taken by ``torch.save(model.state_dict())`` (weights and buffers, as shipped)."""
     fd, tmp = tempfile.mkstemp(suffix=".pt", prefix="kdkit-size-")
@@ -172,15 +168,34 @@ def _first_input(example_batch: Any) -> Tensor:
     return example_batch
 
 
-def _median_ms(model: nn.Module, x: Tensor, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(times)
+def _median_ms(model: nn.Module, x: Tensor, repeats: int, warmup: int, num_threads: int) -> float:
+    # torch's Timer sets (and restores) the thread count and synchronises CUDA; each timeit(1)
+    # is one timed run after its own two untimed ones.
+    benchmark = _benchmark()
+    timer = benchmark.Timer(
+        "model(x)", globals={"model": model, "x": x}, num_threads=num_threads, timer=_clock
+    )
+    if warmup:
+        timer.timeit(warmup)
+    runs = benchmark.Measurement.merge([timer.timeit(1) for _ in range(repeats)])
+    return runs[0].median * 1000.0
+
+
+def _benchmark() -> Any:
+    # Importing torch.utils.benchmark imports cpp_extension, which logs a warning about the
+    # CUDA toolkit on machines without a CUDA runtime; irrelevant to a CPU timing.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        cpp_logger.setLevel(level)
+    return benchmark
+
+
+def _clock() -> float:
+    return time.perf_counter()  # looked up at each call, so a test can replace it
 
 
 def measure_latency(
@@ -192,10 +207,11 @@ def measure_latency(
 ) -> dict[str, Any]:
     """CPU inference latency: median over ``repeats`` timed runs after ``warmup`` untimed ones.
 
-    Measures one sample (``example_batch[:1]``) and the whole batch, in eval mode under
-    ``torch.no_grad()`` with ``torch.set_num_threads(num_threads)`` (restored afterwards);
-    one thread by default, so numbers are comparable across machines and runs. A model on
-    another device is measured on a CPU copy. Returns ``latency_ms_per_sample``,
+    Measures one sample (``example_batch[:1]``) and the whole batch with
+    ``torch.utils.benchmark.Timer`` (each timed run follows the Timer's own two untimed ones),
+    in eval mode under ``torch.no_grad()`` with ``num_threads`` intra-op threads (restored
+    afterwards); one thread by default, so numbers are comparable across machines and runs. A
+    model on another device is measured on a CPU copy. Returns ``latency_ms_per_sample``,
     ``latency_ms_per_batch``, ``batch_size``, ``num_threads``, ``repeats``, ``warmup`` and
     ``device`` ("cpu").
     """
@@ -214,15 +230,12 @@ def measure_latency(
         # Copy rather than move: the caller's model must stay where it is.
         cpu_model = copy.deepcopy(model).cpu()
     was_training = cpu_model.training
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
     cpu_model.eval()
     try:
         with torch.no_grad():
-            per_sample = _median_ms(cpu_model, batch[:1], repeats, warmup)
-            per_batch = _median_ms(cpu_model, batch, repeats, warmup)
+            per_sample = _median_ms(cpu_model, batch[:1], repeats, warmup, num_threads)
+            per_batch = _median_ms(cpu_model, batch, repeats, warmup, num_threads)
     finally:
-        torch.set_num_threads(previous_threads)
         cpu_model.train(was_training)
     return {
         "latency_ms_per_sample": per_sample,

@@ -20,13 +20,30 @@ from torch import Tensor, nn
 
 from kdkit.atomic import atomic_path
 
-__all__ = ["ExportMismatchError", "check_onnx", "export_onnx", "export_torchscript"]
+__all__ = [
+    "ExportMismatchError",
+    "ExportedPath",
+    "check_onnx",
+    "export_onnx",
+    "export_torchscript",
+]
 
 _INSTALL_HINT = "Install the export extras: pip install 'kdkit[export]'"
 
 
 class ExportMismatchError(RuntimeError):
     """The exported model's outputs differ from the eager PyTorch model's beyond tolerance."""
+
+
+class ExportedPath(type(Path())):  # type: ignore[misc]  # PosixPath / WindowsPath
+    """The path of a written export file, with the result of its check.
+
+    A :class:`pathlib.Path` in every respect; ``max_abs_diff`` is the largest absolute
+    difference between the exported and the eager model over the checked batches (None when
+    the file was not checked).
+    """
+
+    max_abs_diff: float | None = None
 
 
 def _require(module: str) -> Any:
@@ -215,7 +232,7 @@ def export_onnx(
     opset: int | None = None,
     dynamic_batch: bool = True,
     exporter: str = "auto",
-) -> Path:
+) -> ExportedPath:
     """Export ``model`` (in eval mode) to ONNX at ``path`` and return the path.
 
     ``example_input`` is a Tensor batch or a tuple of them (one per forward argument). With
@@ -224,7 +241,8 @@ def export_onnx(
     deprecated upstream) or ``"auto"`` (dynamo, then legacy with a warning if dynamo fails).
     With ``check`` the file is run in onnxruntime on ``example_input`` and, if the batch is
     dynamic, on a batch of another size; an :class:`ExportMismatchError` (max abs diff > ``atol``)
-    leaves ``path`` unwritten. Inputs named ``input`` / ``input_{i}``, outputs ``output`` /
+    leaves ``path`` unwritten; the returned path's ``max_abs_diff`` is the largest difference
+    the check measured. Inputs named ``input`` / ``input_{i}``, outputs ``output`` /
     ``output_{i}``. Files above 2 GB (protobuf limit) are not supported.
     """
     if exporter not in ("auto", "dynamo", "legacy"):
@@ -245,6 +263,7 @@ def export_onnx(
         trace_inputs = tuple(torch.cat([x, x]) for x in inputs)
 
     final = Path(path)
+    result = ExportedPath(final)
     with atomic_path(final) as tmp, _eval_mode(model):
         args = (model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch)
         if exporter == "legacy":
@@ -269,10 +288,9 @@ def export_onnx(
                 _export_legacy(*args)
         onnx.checker.check_model(os.fspath(tmp))
         if check:
-            check_onnx(tmp, model, inputs, atol=atol)
-            if dynamic_batch:
-                check_onnx(tmp, model, _other_batch(inputs), atol=atol)
-    return final
+            batches = [inputs, _other_batch(inputs)] if dynamic_batch else [inputs]
+            result.max_abs_diff = max(check_onnx(tmp, model, b, atol=atol) for b in batches)
+    return result
 
 
 def export_torchscript(
@@ -285,12 +303,13 @@ def export_torchscript(
 ) -> Path:
     """Trace ``model`` (eval mode) with ``torch.jit.trace`` and save it to ``path``.
 
-    With ``check`` the saved file is loaded back and compared with the eager model on
-    ``example_input`` and on a batch of another size; a max abs diff above ``atol`` raises
-    :class:`ExportMismatchError` and leaves ``path`` unwritten. ``torch.jit`` is deprecated
-    since PyTorch 2.10 (its FutureWarnings are silenced here); prefer :func:`export_onnx`
-    for deployment. Tracing records one path through the code: data-dependent control flow is
-    frozen to the branch the example took.
+    With ``check`` the trace is checked by ``torch.jit.trace`` itself (``check_inputs``): it is
+    re-traced on ``example_input`` and on a batch of another size, and the graphs and outputs
+    must agree with the eager model (within ``atol``); otherwise :class:`ExportMismatchError`
+    is raised and ``path`` is left unwritten. ``torch.jit`` is deprecated since PyTorch 2.10
+    (its FutureWarnings are silenced here); prefer :func:`export_onnx` for deployment. Tracing
+    records one path through the code: data-dependent control flow is frozen to the branch the
+    example took.
     """
     if not hasattr(torch, "jit") or not hasattr(torch.jit, "trace"):
         raise RuntimeError(
@@ -300,20 +319,33 @@ def export_torchscript(
     inputs = _as_inputs(example_input)
     final = Path(path)
     with atomic_path(final) as tmp, _eval_mode(model), _quiet_jit_deprecation():
-        with torch.no_grad():
-            traced = torch.jit.trace(model, inputs, check_trace=True)
+        traced = _trace(model, inputs, final, atol) if check else _trace(model, inputs)
         torch.jit.save(traced, os.fspath(tmp))
-        if check:
-            loaded = torch.jit.load(os.fspath(tmp))
-            for batch in (inputs, _other_batch(inputs)):
-                with torch.no_grad():
-                    got = [o.detach().cpu() for o in _as_outputs(loaded(*batch))]
-                diff, index = _max_abs_diff(got, _eager(model, batch))
-                if not diff <= atol:
-                    raise ExportMismatchError(
-                        f"TorchScript model for {final}: output {index} differs from eager "
-                        f"PyTorch by max abs diff {diff:.3g} > atol={atol:g} (batch size "
-                        f"{batch[0].shape[0]}). Tracing froze a shape or branch; fix: make "
-                        "forward shape-agnostic, or use export_onnx."
-                    )
     return final
+
+
+def _trace(
+    model: nn.Module, inputs: tuple[Tensor, ...], final: Path | None = None, atol: float = 0.0
+) -> Any:
+    """``torch.jit.trace``; with ``final`` (the file it is for) checked on two batch sizes."""
+    if final is None:
+        with torch.no_grad():
+            return torch.jit.trace(model, inputs, check_trace=False)
+    other = _other_batch(inputs)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch only warns when the outputs differ (it raises on a differing graph)
+            warnings.filterwarnings("error", message="Output nr", category=torch.jit.TracerWarning)
+            return torch.jit.trace(
+                model, inputs, check_inputs=[inputs, other], check_tolerance=atol
+            )
+    except (torch.jit.TracingCheckError, torch.jit.TracerWarning) as exc:
+        reason = str(exc).strip().splitlines()[0]
+    got = _as_outputs(_trace(model, inputs)(*other))
+    diff, index = _max_abs_diff([o.detach() for o in got], _eager(model, other))
+    raise ExportMismatchError(
+        f"TorchScript model for {final}: the trace does not reproduce the model on a batch of "
+        f"size {other[0].shape[0]}: output {index} differs by max abs diff {diff:.3g} "
+        f"(atol={atol:g}); torch.jit.trace: {reason}. Tracing froze a shape or branch; fix: make "
+        "forward shape-agnostic, or use export_onnx."
+    ) from None

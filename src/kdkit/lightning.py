@@ -16,13 +16,12 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdkit.batch import unpack_batch
+from kdkit.batch import UNLABELED, unpack_batch
 from kdkit.distiller import Distiller
 from kdkit.functional import cross_entropy
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
-UNLABELED = -1
 
 
 def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int) -> tuple[Tensor, Tensor]:

@@ -100,7 +100,3 @@ class KDDataModule(L.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
-
-    def unshuffled_train_dataloader(self) -> DataLoader:
-        """Training split in index order, no shuffling (e.g. to fill a teacher cache)."""
-        return self._loader("train", shuffle=False)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
-UNLABELED = -1
+from kdkit.batch import UNLABELED
+
+__all__ = ["UNLABELED", "IndexedDataset", "unlabeled_mask"]
 
 
 def unlabeled_mask(n: int, labeled_fraction: float, seed: int = 0) -> torch.Tensor:

@@ -96,7 +96,10 @@ def _entry(name: str) -> _Entry:
     if name not in _DATASETS:
         close = difflib.get_close_matches(name, list(_DATASETS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown dataset {name!r}.{hint} Available: {', '.join(list_datasets())}")
+        raise ValueError(
+            f"unknown dataset data.name={name!r}.{hint} Available: {', '.join(list_datasets())} "
+            "(or register one with kdkit.data.register_dataset)."
+        )
     return _DATASETS[name]
 
 

@@ -3,15 +3,18 @@
 Registered names: ``mlp``, ``small_cnn``; CIFAR zoo ``resnet8/14/20/32/44/56/110``,
 ``resnet8x4``, ``resnet32x4``, ``wrn_16_1/16_2/40_1/40_2``, ``vgg8/11/13/16`` (BN),
 ``mobilenetv2`` (= ``mobile_half``); plus ``tv:<torchvision name>`` and ``timm:<timm name>``.
-Zoo models carry ``feature_paths``: dotted paths that are good feature-distillation points.
+Models carry ``feature_paths``: dotted paths that are good feature-distillation points (the zoo's
+own, ``layer1..layer4`` of torchvision ResNets, timm's ``feature_info``); ``feature_paths(name)``
+reads them without building the weights.
 """
 
 from kdkit.models import cifar_resnet, mobilenetv2, small, vgg, wrn  # noqa: F401  (registration)
-from kdkit.models.registry import create_model, list_models, register_model
+from kdkit.models.registry import (
+    count_parameters,
+    create_model,
+    feature_paths,
+    list_models,
+    register_model,
+)
 
-__all__ = ["create_model", "list_models", "register_model", "count_parameters"]
-
-
-def count_parameters(model, trainable_only: bool = False) -> int:
-    """Number of parameters (optionally only those with ``requires_grad``)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+__all__ = ["count_parameters", "create_model", "feature_paths", "list_models", "register_model"]

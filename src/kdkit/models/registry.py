@@ -16,6 +16,7 @@ import difflib
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 ModelBuilder = Callable[..., nn.Module]
@@ -44,6 +45,27 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
         return builder
 
     return decorator
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared parameters counted once; ``trainable_only``: those with
+    ``requires_grad``)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def feature_paths(name: str, **kwargs) -> tuple[str, ...]:
+    """The feature points model ``name`` registers (``model.feature_paths``), built on the meta
+    device (no memory, no init cost); ``()`` for a model that registers none.
+
+    Feature points are dotted module paths that suit feature distillation (timm keeps the same
+    in ``feature_info``); they do not depend on the class count or the input size, so the model
+    is built with placeholder ones. The shipped student/teacher configs read their
+    ``feature_layers`` from here.
+    """
+    kwargs.setdefault("image_size", 32)
+    with torch.device("meta"):
+        model = create_model(name, num_classes=2, **kwargs)
+    return tuple(getattr(model, "feature_paths", ()))
 
 
 def list_models() -> list[str]:

@@ -6,7 +6,8 @@ from torch import nn
 
 
 def create_timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, num_classes=..., in_chans=...)``."""
+    """``timm.create_model(name, pretrained=False, num_classes=..., in_chans=...)``; its
+    ``feature_info`` modules become ``feature_paths``."""
     try:
         import timm
     except ImportError as err:
@@ -22,6 +23,10 @@ def create_timm_model(name: str, num_classes: int, in_channels: int = 3, **kwarg
         raise ValueError(
             f"unknown timm model 'timm:{name}'; timm.list_models('*{name[:6]}*') shows similar ones"
         )
-    return timm.create_model(
+    model = timm.create_model(
         name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs
     )
+    # timm describes its feature points once, in feature_info: kdkit reads them from there.
+    info = getattr(model, "feature_info", None) or []
+    model.feature_paths = tuple(i["module"] for i in info if i.get("module"))
+    return model

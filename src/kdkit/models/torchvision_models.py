@@ -1,8 +1,8 @@
 """torchvision classification models by name (``tv:<name>``), always randomly initialised.
 
-Feature points follow torchvision's own module names, e.g. ResNets ``layer1`` .. ``layer4``,
-VGG / MobileNet / EfficientNet ``features.<i>``; list them with
-``kdkit.capture.list_modules(model)``.
+Feature points follow torchvision's own module names. ResNet-style models register their four
+stages ``layer1`` .. ``layer4`` as ``feature_paths``; for others (VGG / MobileNet /
+EfficientNet ``features.<i>``) list the modules with ``kdkit.capture.list_modules(model)``.
 """
 
 from __future__ import annotations
@@ -81,4 +81,6 @@ def create_torchvision_model(
         model.maxpool = nn.Identity()
     elif in_channels != 3:
         _replace_first_conv(model, in_channels, name)
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):  # ResNet-style stages
+        model.feature_paths = ("layer1", "layer2", "layer3", "layer4")  # type: ignore[assignment]
     return model

@@ -4,6 +4,7 @@
 Lightning ``.ckpt``) as its own class, without the config that trained it.
 """
 
+from kdkit.pipeline import resolvers  # noqa: F401  (registers the configs' ${kdkit.*} resolvers)
 from kdkit.pipeline.checkpoint import AtomicCheckpointIO, load_model, save_model
 
 __all__ = ["AtomicCheckpointIO", "load_model", "save_model"]

@@ -10,24 +10,19 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kdkit.config import terms_from_config
 from kdkit.distiller import Distiller
 from kdkit.lightning import DistillationModule
-from kdkit.pipeline.build import (
-    build_model,
-    build_optimizer_factories,
-    build_terms,
-    build_trainer,
-    output_dir,
-    run_info,
-)
+from kdkit.pipeline.build import build_model, build_optimizer_factories, build_trainer, output_dir
 from kdkit.pipeline.checkpoint import save_model
-from kdkit.pipeline.train import fit_stage
+from kdkit.pipeline.resume import Resume, run_info
+from kdkit.pipeline.stage import StageResult, fit_stage
 
 PROBE_BATCH = 8
 
 
 def _teacher_source(cfg: DictConfig, teacher: nn.Module | None, datamodule: Any) -> Any:
-    path = cfg.distill.get("teacher_cache")
+    path = cfg.distill.teacher_cache
     if not path:
         if teacher is None:
             raise ValueError(
@@ -59,14 +54,14 @@ def _feature_terms(terms: dict) -> dict:
 
 def check_cache_features(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) -> Any:
     """Open ``distill.teacher_cache`` (None if unset), refusing feature terms it cannot feed."""
-    path = cfg.distill.get("teacher_cache")
+    path = cfg.distill.teacher_cache
     if not path:
         return None
-    terms = _feature_terms(build_terms(cfg))
+    terms = _feature_terms(terms_from_config(cfg.distill))
     cache = _teacher_source(cfg, teacher, datamodule)
     stored = set(cache.feature_paths)
     wanted = sorted({p for t in terms.values() for p in t.teacher_paths})
-    method = cfg.distill.get("method")
+    method = cfg.distill.method
     if wanted and not set(wanted) <= stored:
         what = f"features {sorted(stored)} only" if stored else "logits only"
         raise ValueError(
@@ -83,17 +78,18 @@ def check_cache_features(cfg: DictConfig, datamodule: Any, teacher: nn.Module | 
     return cache
 
 
-def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) -> None:
+def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) -> Any:
     """Fail before any training if ``cfg.distill`` cannot run with this student and teacher.
 
     Builds an untrained student and the Distiller (which probes adapter shapes) and runs one
     loss evaluation on a few validation samples; ``teacher`` may be untrained (only shapes
-    matter). Without a teacher module (a cache only) just the cache is checked.
+    matter). With ``distill.teacher_cache`` the cache is opened and checked instead, and
+    returned (pass it on to :func:`distill_student`, so it is checked once); else None.
     """
     cache = check_cache_features(cfg, datamodule, teacher)
     if cache is not None or teacher is None:
-        return
-    terms = build_terms(cfg)
+        return cache
+    terms = terms_from_config(cfg.distill)
     rng = torch.random.get_rng_state()
     try:
         student, _ = build_model(cfg, "student", datamodule.num_classes, datamodule.input_shape)
@@ -107,7 +103,7 @@ def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) 
         finally:
             teacher.train(was_training)
     except (ValueError, RuntimeError, TypeError, KeyError) as exc:
-        method = cfg.distill.get("method")
+        method = cfg.distill.method
         msg = (
             f"distill={method} cannot run with student={cfg.student.name} and "
             f"teacher={getattr(teacher, 'kdkit_spec', {}).get('name', cfg.teacher.name)}: {exc}"
@@ -117,20 +113,26 @@ def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) 
         raise ValueError(msg) from None
     finally:
         torch.random.set_rng_state(rng)
+    return None
 
 
 def build_distiller(
-    cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, datamodule: Any
+    cfg: DictConfig,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    datamodule: Any,
+    cache: Any = None,
 ) -> Distiller:
-    terms = build_terms(cfg)
+    """The Distiller of ``cfg.distill``; ``cache``: the teacher cache already opened (and
+    checked) by :func:`check_feasible`, else it is opened here when configured."""
+    terms = terms_from_config(cfg.distill)
     needs_probe = any(t.adapter not in (None, "identity") for t in terms.values())
     example = None
     if needs_probe:
         x = next(iter(datamodule.train_dataloader()))[0]
         example = x[:PROBE_BATCH]
-    return Distiller(
-        student, _teacher_source(cfg, teacher, datamodule), terms, example_input=example
-    )
+    source = cache if cache is not None else _teacher_source(cfg, teacher, datamodule)
+    return Distiller(student, source, terms, example_input=example)
 
 
 def distill_student(
@@ -139,10 +141,12 @@ def distill_student(
     teacher: nn.Module | None,
     stage: str = "distilled",
     *,
-    resume: bool | str = False,
+    resume: Resume = False,
     prefer: Path | None = None,
-) -> tuple[nn.Module, dict, L.Trainer]:
-    """Distil ``cfg.student`` from ``teacher``; writes ``<run>/<stage>/model.pt``.
+    cache: Any = None,
+) -> StageResult:
+    """Distil ``cfg.student`` from ``teacher`` (or ``cache``, the opened teacher cache that
+    :func:`check_feasible` returned); writes ``<run>/<stage>/model.pt``.
 
     The student is initialised exactly like the scratch student (same seed, same order of
     random draws) and the data stream is re-seeded before fitting. Teacher and student see the
@@ -150,18 +154,18 @@ def distill_student(
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student, spec = build_model(cfg, "student", datamodule.num_classes, datamodule.input_shape)
-    distiller = build_distiller(cfg, student, teacher, datamodule)
+    distiller = build_distiller(cfg, student, teacher, datamodule, cache)
     optimizer, scheduler = build_optimizer_factories(cfg)
     module = DistillationModule(
         distiller,
         datamodule.num_classes,
         optimizer,
         scheduler,
-        mixup_alpha=float(cfg.distill.get("mixup_alpha") or 0.0),
+        mixup_alpha=float(cfg.distill.mixup_alpha),
     )
     stage_dir = output_dir(cfg) / stage
     trainer = build_trainer(cfg, stage_dir, stage, spec, info=run_info(cfg, "distilled"))
-    fit_stage(
+    resumed = fit_stage(
         cfg, trainer, module, datamodule, stage, stage_dir, spec, resume=resume, prefer=prefer
     )
     if trainer.is_global_zero:
@@ -170,6 +174,6 @@ def distill_student(
             student,
             spec,
             adapters=distiller.adapters,
-            metadata={"stage": stage, "method": cfg.distill.get("method")},
+            metadata={"stage": stage, "method": cfg.distill.method},
         )
-    return student.eval(), spec, trainer
+    return StageResult(student.eval(), spec, stage_dir, resumed)

@@ -57,10 +57,9 @@ def evaluate_model(
     loader = datamodule.test_dataloader()
     metrics = evaluate(model, loader, teacher_logits=teacher_logits)
     latency = None
-    eval_cfg = cfg.get("evaluate") or {}
-    if eval_cfg.get("latency", True):
+    if cfg.evaluate.latency:
         batch = next(iter(loader))[0]
-        latency = measure_latency(model, batch, repeats=int(eval_cfg.get("latency_repeats", 20)))
+        latency = measure_latency(model, batch, repeats=int(cfg.evaluate.latency_repeats))
     entry = ModelReport.from_measurements(
         role,
         name,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,13 +25,13 @@ from kdkit.pipeline.build import (
 )
 from kdkit.pipeline.checkpoint import load_model, load_model_file
 from kdkit.pipeline.distill import check_feasible, distill_student
-from kdkit.pipeline.evaluate import (
-    evaluate_model,
-    load_entries,
-    teacher_test_logits,
-)
+from kdkit.pipeline.evaluate import evaluate_model, load_entries, teacher_test_logits
+from kdkit.pipeline.log import get_logger
+from kdkit.pipeline.resume import resume_mode
 from kdkit.pipeline.train import train_supervised
 from kdkit.report import build_report, print_report
+
+log = get_logger(__name__)
 
 
 def _is_rank_zero() -> bool:
@@ -54,25 +53,6 @@ def _title(cfg: DictConfig, teacher_name: str | None = None) -> str:
     )
 
 
-def _run_resume(cfg: DictConfig) -> str | bool:
-    """`kdkit run` resumes each stage from its newest matching checkpoint (ckpt_path=last)."""
-    value = cfg.get("ckpt_path")
-    if value in (None, ""):
-        return False
-    if str(value) != "last":
-        raise ValueError(
-            f"`kdkit run` takes ckpt_path=last only (got ckpt_path={value!r}): each of its stages "
-            "resumes from its own newest matching checkpoint. To resume one stage from a file, "
-            "use `kdkit train model=... ckpt_path=<file>` or `kdkit distill ... ckpt_path=<file>`."
-        )
-    return "optional"
-
-
-def _resumed_run_dir(trainer: Any) -> Path | None:
-    path = getattr(trainer, "ckpt_path", None)
-    return Path(path).parents[2] if path else None
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Teacher, scratch student, distilled student, evaluation and report, in one run."""
     start = time.perf_counter()
@@ -80,31 +60,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     save_config(cfg)
     dm = build_datamodule(cfg)
     dm.prepare()
-    resume = _run_resume(cfg)
-    if cfg.teacher.get("checkpoint"):
+    resume = resume_mode(cfg, run_command=True)
+    if cfg.teacher.checkpoint:
         teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
-        check_feasible(cfg, dm, teacher)
+        cache = check_feasible(cfg, dm, teacher)
     else:
         # Shapes are all the check needs: an untrained teacher, so a bad method fails in seconds.
         untrained, teacher_spec = build_model(cfg, "teacher", dm.num_classes, dm.input_shape)
-        check_feasible(cfg, dm, untrained)
+        cache = check_feasible(cfg, dm, untrained)
         del untrained
     teacher_name = str(teacher_spec["name"])
     prefer = None
-    if not cfg.teacher.get("checkpoint"):
-        teacher, _, trainer = train_supervised(cfg, dm, "teacher", "teacher", resume=resume)
-        prefer = _resumed_run_dir(trainer)
-    scratch, _, trainer = train_supervised(
+    if not cfg.teacher.checkpoint:
+        trained = train_supervised(cfg, dm, "teacher", "teacher", resume=resume)
+        teacher, prefer = trained.model, trained.resumed_run_dir
+    scratch = train_supervised(
         cfg,
         dm,
         "student",
         "scratch",
-        mixup_alpha=float(cfg.distill.get("mixup_alpha") or 0.0),
+        mixup_alpha=float(cfg.distill.mixup_alpha),
         resume=resume,
         prefer=prefer,
     )
-    prefer = prefer or _resumed_run_dir(trainer)
-    distilled, _, _ = distill_student(cfg, dm, teacher, "distilled", resume=resume, prefer=prefer)
+    prefer = prefer or scratch.resumed_run_dir
+    distilled = distill_student(
+        cfg, dm, teacher, "distilled", resume=resume, prefer=prefer, cache=cache
+    )
     if not _is_rank_zero():
         return {}
     t_logits = teacher_test_logits(teacher, dm)
@@ -112,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         evaluate_model(cfg, teacher, "teacher", teacher_name, dm, stage_dir=out / "teacher"),
         evaluate_model(
             cfg,
-            scratch,
+            scratch.model,
             "scratch",
             cfg.student.name,
             dm,
@@ -121,7 +103,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ),
         evaluate_model(
             cfg,
-            distilled,
+            distilled.model,
             "distilled",
             f"{cfg.student.name} ({cfg.distill.method})",
             dm,
@@ -132,7 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     title = _title(cfg, teacher_name)
     build_report(entries, out, title=title, config=to_container(cfg))
     print_report(entries, title=title)
-    print(f"report: {out / 'report.md'}  ({time.perf_counter() - start:.1f} s)")
+    log.info("report: %s  (%.1f s)", out / "report.md", time.perf_counter() - start)
     return {e.role: e.accuracy for e in entries}
 
 
@@ -143,21 +125,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     dm.prepare()
     role = str(cfg.model)
-    model, _, _ = train_supervised(
-        cfg, dm, role, role, resume=cfg.get("ckpt_path") not in (None, "")
-    )
+    trained = train_supervised(cfg, dm, role, role, resume=resume_mode(cfg))
     if not _is_rank_zero():
         return {}
     entry = evaluate_model(
         cfg,
-        model,
+        trained.model,
         "teacher" if role == "teacher" else "scratch",
         cfg[role].name,
         dm,
         stage_dir=out / role,
     )
     print_report([entry], title=f"kdkit train: {cfg[role].name}")
-    print(f"model: {out / role / 'model.pt'}")
+    log.info("model: %s", out / role / "model.pt")
     return {"accuracy": entry.accuracy}
 
 
@@ -168,18 +148,16 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     dm.prepare()
     teacher, teacher_name = None, None
-    if cfg.teacher.get("checkpoint") or not cfg.distill.get("teacher_cache"):
+    if cfg.teacher.checkpoint or not cfg.distill.teacher_cache:
         teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
         teacher_name = str(teacher_spec["name"])
-    check_feasible(cfg, dm, teacher)
-    student, _, _ = distill_student(
-        cfg, dm, teacher, "distilled", resume=cfg.get("ckpt_path") not in (None, "")
-    )
+    cache = check_feasible(cfg, dm, teacher)
+    distilled = distill_student(cfg, dm, teacher, "distilled", resume=resume_mode(cfg), cache=cache)
     if not _is_rank_zero():
         return {}
     entry = evaluate_model(
         cfg,
-        student,
+        distilled.model,
         "distilled",
         f"{cfg.student.name} ({cfg.distill.method})",
         dm,
@@ -187,12 +165,12 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         stage_dir=out / "distilled",
     )
     print_report([entry], title=_title(cfg, teacher_name))
-    print(f"model: {out / 'distilled' / 'model.pt'}")
+    log.info("model: %s", out / "distilled" / "model.pt")
     return {"accuracy": entry.accuracy}
 
 
 def _checkpoint_path(cfg: DictConfig) -> str:
-    path = cfg.get("checkpoint") or cfg[str(cfg.model)].get("checkpoint")
+    path = cfg.checkpoint or cfg[str(cfg.model)].checkpoint
     if not path:
         raise ValueError(
             f"`kdkit {cfg.command}` needs a model file: pass checkpoint=<path to model.pt or "
@@ -214,7 +192,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{cfg.data.name!r} has {dm.num_classes}; evaluate it on the data it was trained on."
         )
     teacher = None
-    if cfg.teacher.get("checkpoint") and cfg.teacher.checkpoint != path:
+    if cfg.teacher.checkpoint and cfg.teacher.checkpoint != path:
         teacher, _ = load_teacher(cfg, dm.num_classes)
     role = "teacher" if model.kdkit_spec.get("role") == "teacher" else "distilled"
     entry = evaluate_model(
@@ -232,7 +210,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def report(cfg: DictConfig) -> dict[str, Any]:
     """Rebuild report.{json,md} and plots of run folders from their stages' metrics.json."""
-    run_dirs = [Path(str(p)) for p in (cfg.get("run_dirs") or [])]
+    run_dirs = [Path(str(p)) for p in cfg.run_dirs]
     if not run_dirs:
         found = Path("runs", str(cfg.experiment_name)).glob("*/*/metrics.json")
         candidates = sorted(
@@ -255,7 +233,7 @@ def report(cfg: DictConfig) -> dict[str, Any]:
         title = _stored_title(run_dir, config, entries) or f"kdkit report: {run_dir}"
         build_report(entries, run_dir, title=title, config=config)  # type: ignore[arg-type]
         print_report(entries, title=title)
-        print(f"report: {run_dir / 'report.md'}")
+        log.info("report: %s", run_dir / "report.md")
         results[str(run_dir)] = {e.role: e.accuracy for e in entries}
     return results
 
@@ -299,16 +277,6 @@ def _quiet_export() -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
-def _onnx_max_diff(model: torch.nn.Module, path: Path, example: torch.Tensor) -> float:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {session.get_inputs()[0].name: example.numpy()})[:1]
-    with torch.no_grad():
-        want = model(example).numpy()
-    return float(abs(got - want).max())
-
-
 def export(cfg: DictConfig) -> dict[str, Any]:
     """ONNX (checked against torch in onnxruntime) and TorchScript files of a model file."""
     from kdkit.export import export_onnx, export_torchscript
@@ -318,18 +286,21 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     model = load_model(path, what="checkpoint")
     spec = load_model_file(path)["spec"]
     example = torch.rand(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
-    atol = float(cfg.export.get("atol", 1e-4))
+    atol = float(cfg.export.atol)
     written: dict[str, Any] = {}
     with _quiet_export():
-        if cfg.export.get("onnx", True):
+        if cfg.export.onnx:
             onnx_path = export_onnx(model, example, out / "model.onnx", atol=atol)
             written["onnx"] = str(onnx_path)
-            diff = _onnx_max_diff(model, onnx_path, example)
-            print(f"ONNX checked in onnxruntime: max |diff| = {diff:.2e} (atol {atol:g})")
-        if cfg.export.get("torchscript", True):
+            log.info(
+                "ONNX checked in onnxruntime: max |diff| = %.2e (atol %g)",
+                onnx_path.max_abs_diff,
+                atol,
+            )
+        if cfg.export.torchscript:
             written["torchscript"] = str(export_torchscript(model, example, out / "model.ts"))
     for kind, file in written.items():
-        print(f"{kind} written: {file}")
+        log.info("%s written: %s", kind, file)
     return written
 
 
@@ -341,21 +312,23 @@ def cache(cfg: DictConfig) -> dict[str, Any]:
     dm = build_datamodule(cfg)
     splits = dm.prepare()
     teacher, _ = load_teacher(cfg, dm.num_classes)
-    path = Path(str(cfg.cache.get("path") or out / "teacher_cache"))
-    epochs = int(cfg.cache.get("epochs", 1))
+    path = Path(str(cfg.cache.path or out / "teacher_cache"))
+    epochs = int(cfg.cache.epochs)
     train = splits.train
-    if epochs > 1 or cfg.data.get("augment"):
+    if epochs > 1 or cfg.data.get("augment"):  # not every data set has augmentation
         # Random augmentation: cache `epochs` seeded views, which `distill` replays exactly.
         train = SeededViews(train, seed=int(cfg.seed), num_views=epochs)
     built = TeacherCache.build(
         teacher,
         train,
         path,
-        top_k=cfg.cache.get("top_k"),
-        batch_size=int(cfg.cache.get("batch_size", 256)),
+        top_k=cfg.cache.top_k,
+        batch_size=int(cfg.cache.batch_size),
         epochs=epochs,
     )
-    print(f"teacher cache: {built.path} ({len(built)} samples); use distill.teacher_cache={path}")
+    log.info(
+        "teacher cache: %s (%d samples); use distill.teacher_cache=%s", built.path, len(built), path
+    )
     return {"path": str(path)}
 
 
@@ -374,7 +347,6 @@ def dispatch(cfg: DictConfig) -> Any:
     command = str(cfg.command)
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}.")
-    if cfg.get("threads"):
+    if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
-    sys.stdout.flush()
     return COMMANDS[command][0](cfg)
