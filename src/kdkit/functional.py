@@ -50,6 +50,15 @@ from kdkit._checks import (
     check_temperature,
     check_weight,
 )
+from kdkit.attention import (
+    RELATIONS,
+    attention_log_probs,
+    attention_scores,
+    check_num_heads,
+    check_relations,
+    check_same_heads,
+    relation_log_probs,
+)
 from kdkit.contract import check_reduction, reduce
 
 __all__ = [
@@ -63,12 +72,17 @@ __all__ = [
     "generalized_jsd",
     "hinton_loss",
     "kl_div",
+    "minilm_attention",
+    "minilm_value_relation",
+    "minilmv2_relations",
     "mse_hidden_states",
     "mse_logits",
+    "patient_kd",
     "pkt",
     "reverse_kl_div",
     "rkd",
     "soft_cross_entropy",
+    "tinybert_attention",
 ]
 
 Count = int | Tensor | None
@@ -851,3 +865,365 @@ def rkd(
     loss_d = F.smooth_l1_loss(distances(s), distances(t))
     loss_a = F.smooth_l1_loss(angles(s), angles(t))
     return distance_weight * loss_d + angle_weight * loss_a
+
+
+# --------------------------------------------------------------------------------------------
+# transformer losses
+# --------------------------------------------------------------------------------------------
+# Inputs are flat lists, a fixed number of tensors per layer: projections [B, L, H * d] (the
+# outputs of the attention's query / key / value nn.Linear) in the order each loss names, or,
+# for minilm_attention, the attention probabilities [B, H, L, L] of a layer. The bool mask
+# [B, L] is the attention mask: padded keys leave the distributions (as in the models), padded
+# queries leave the mean. Per-token values [B, L] with a mask, per-sample [B] without.
+
+_NO_PROBABILITIES = (
+    "Hugging Face models return no attention probabilities without output_attentions=True, nor "
+    "with the default sdpa (or flash) attention: output.attentions is then empty and the "
+    "attention module returns None for its weights. Capture the "
+    "query/key projections instead (e.g. encoder.layer.{i}.attention.self.query and .key), "
+    "which works with any attention implementation, or build the model with "
+    "attn_implementation='eager'"
+)
+
+
+def _check_layer_counts(num_student: int, num_teacher: int, what: str) -> None:
+    if num_student != num_teacher:
+        raise ValueError(
+            f"{what}: got {num_student} student layers but {num_teacher} teacher layers; pass "
+            "one student layer per teacher layer (kdkit.capture.map_layers pairs layers)"
+        )
+
+
+def _layer_groups(
+    tensors: Sequence[Tensor], size: int, names: str, what: str
+) -> list[list[Tensor]]:
+    """Split a flat list into layers of ``size`` projections ``[B, L, H * d]`` each."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(
+            f"{what}: got no tensors; pass {names} for each layer. {_NO_PROBABILITIES}"
+        )
+    for i, x in enumerate(tensors):
+        if not isinstance(x, Tensor) or x.numel() == 0:
+            raise ValueError(
+                f"{what}: entry {i} is {'None' if x is None else 'empty'}. {_NO_PROBABILITIES}"
+            )
+        if x.dim() != 3:
+            raise ValueError(
+                f"{what}: entry {i} has shape {tuple(x.shape)}; expected {names} projections "
+                "[B, L, H * d] (the attention's nn.Linear outputs), one after the other per layer"
+            )
+    if len(tensors) % size:
+        raise ValueError(
+            f"{what}: got {len(tensors)} tensors, not a multiple of {size}; pass {names} for "
+            f"each layer, in that order"
+        )
+    return [[_upcast(x) for x in tensors[i : i + size]] for i in range(0, len(tensors), size)]
+
+
+def _attention_keep(x: Tensor, mask: Tensor | None) -> Tensor | None:
+    return None if mask is None else check_mask(mask, x.shape[:2], x.device)
+
+
+def _check_maps(s: Tensor, t: Tensor, index: int, what: str) -> None:
+    """Per-head ``[B, H, L, L]`` maps of one layer pair: the same shape."""
+    if s.shape != t.shape:
+        raise ValueError(
+            f"{what}: layer {index} gives student maps {tuple(s.shape)} but teacher maps "
+            f"{tuple(t.shape)} ([B, heads, L, L]); both models must see the same batch (same "
+            "sequence length and padding) and have the same number of heads"
+        )
+
+
+def _map_keep(maps: list[Tensor], mask: Tensor | None) -> Tensor | None:
+    """The query mask of ``[B, H, L, L]`` maps."""
+    if mask is None:
+        return None
+    return check_mask(mask, (maps[0].shape[0], maps[0].shape[-1]), maps[0].device)
+
+
+def _per_query(values: Tensor, keep: Tensor | None) -> Tensor:
+    """``[B, H, L]`` per-query values -> mean over heads ``[B, L]`` with a mask, else ``[B]``."""
+    per_token = values.mean(dim=1)
+    return per_token if keep is not None else per_token.mean(dim=1)
+
+
+def _kl_maps(
+    student: list[Tensor],
+    teacher: list[Tensor],
+    keep: Tensor | None,
+    reduction: str,
+    num_items_in_batch: Count,
+    what: str,
+) -> Tensor:
+    """Mean over layers, heads and kept queries of ``KL(teacher row || student row)``."""
+    _check_layer_counts(len(student), len(teacher), what)
+    per_layer = []
+    for i, (log_s, log_t) in enumerate(zip(student, teacher, strict=True)):
+        _check_maps(log_s, log_t, i, what)
+        per_layer.append(_per_query(_kl_rows(log_t, log_s), keep))
+    return _layer_mean(per_layer, keep, reduction, num_items_in_batch, what)
+
+
+def _query_key(tensors: Sequence[Tensor], what: str, side: str) -> list[list[Tensor]]:
+    for x in tensors:
+        if isinstance(x, Tensor) and x.dim() == 4:
+            raise ValueError(
+                f"{what}: the {side} gives a 4-D tensor of shape {tuple(x.shape)}, probably "
+                "attention probabilities; TinyBERT compares the pre-softmax scores, which no "
+                "model output holds: pass the query and key projections [B, L, H * d] of each "
+                "layer (e.g. encoder.layer.{i}.attention.self.query and .key)"
+            )
+    return _layer_groups(tensors, 2, "query, key", f"{what} ({side})")
+
+
+def _scores(layer: list[Tensor], num_heads: int, mask: Tensor | None) -> Tensor:
+    """Pre-softmax scores of one layer; padded tokens zeroed first so NaN there has no gradient."""
+    query, key = layer
+    keep = _attention_keep(query, mask)
+    return attention_scores(_drop(query, keep), _drop(key, keep), num_heads)
+
+
+def tinybert_attention(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    student_heads: int,
+    teacher_heads: int | None = None,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Attention-score MSE of Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural Language
+    Understanding".
+
+    ``loss = mean_l mean_{b,i} mean_{h,j} (S^s_{l,h,ij} - S^t_{l,h,ij})^2`` with the pre-softmax
+    scores ``S_h = Q_h K_h^T / sqrt(d_h)`` (:func:`kdkit.attention.attention_scores`), over kept
+    queries ``i`` and kept keys ``j``. ``student`` / ``teacher``: per layer the query and the key
+    projection ``[B, L, H * d]`` (``[q_0, k_0, q_1, k_1, ...]``); hidden sizes may differ, head
+    counts may not. TinyBERT's code zeroes the masked scores (``<= -1e2``) of both models and
+    takes the mean over all ``L * L`` entries; here masked pairs are left out (the same value
+    without padding).
+    """
+    what = "tinybert_attention"
+    if validate_args:
+        check_reduction(reduction, what)
+        student_heads, teacher_heads = check_same_heads(student_heads, teacher_heads, what)
+    s_scores = [
+        _scores(layer, student_heads, mask) for layer in _query_key(student, what, "student")
+    ]
+    t_scores = [
+        _scores(layer, teacher_heads, mask) for layer in _query_key(teacher, what, "teacher")
+    ]
+    _check_layer_counts(len(s_scores), len(t_scores), what)
+    keep = _map_keep(s_scores, mask)
+    per_layer = []
+    for i, (s, t) in enumerate(zip(s_scores, t_scores, strict=True)):
+        _check_maps(s, t, i, what)
+        squared = (s - t).pow(2)
+        if keep is None:
+            per_layer.append(_per_query(squared.mean(dim=-1), None))
+            continue
+        kept_keys = keep.sum(dim=1).clamp(min=1)[:, None, None]
+        rows = squared.masked_fill(~keep[:, None, None, :], 0.0).sum(dim=-1) / kept_keys
+        per_layer.append(_per_query(rows, keep))
+    return _layer_mean(per_layer, keep, reduction, num_items_in_batch, what)
+
+
+def _log_probabilities(probs: Tensor) -> Tensor:
+    """``log p`` with the dtype's minimum where ``p == 0`` (a padded key), as the log-softmax of
+    projections gives there, and a finite gradient (the clamp keeps 0 out of ``log``'s)."""
+    floor = torch.finfo(probs.dtype)
+    return torch.where(probs > 0, probs.clamp(min=floor.tiny).log(), floor.min)
+
+
+def _attention_distributions(
+    tensors: Sequence[Tensor], num_heads: int, mask: Tensor | None, what: str
+) -> list[Tensor]:
+    """Per layer ``log A``: from a ``(query, key)`` pair, or from probabilities ``[B, H, L, L]``."""
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{what}: got no tensors. {_NO_PROBABILITIES}")
+    layers, i = [], 0
+    while i < len(tensors):
+        x = tensors[i]
+        if not isinstance(x, Tensor) or x.numel() == 0:
+            raise ValueError(
+                f"{what}: entry {i} is {'None' if x is None else 'empty'}. {_NO_PROBABILITIES}"
+            )
+        if x.dim() == 4:
+            if x.shape[-1] != x.shape[-2] or x.shape[1] != num_heads:
+                raise ValueError(
+                    f"{what}: entry {i} has shape {tuple(x.shape)}; attention probabilities are "
+                    f"[B, H, L, L] with H = {num_heads} heads"
+                )
+            layers.append(_log_probabilities(_upcast(x)))
+            i += 1
+            continue
+        query, key = _layer_groups(tensors[i : i + 2], 2, "query, key", what)[0]
+        keep = _attention_keep(query, mask)
+        layers.append(attention_log_probs(_drop(query, keep), _drop(key, keep), num_heads, mask))
+        i += 2
+    return layers
+
+
+def minilm_attention(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    student_heads: int,
+    teacher_heads: int | None = None,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Self-attention distribution transfer of Wang et al. 2020, "MiniLM: Deep Self-Attention
+    Distillation for Task-Agnostic Compression of Pre-Trained Transformers".
+
+    ``loss = mean_l mean_{b,i} mean_h KL(A^t_{l,h,i} || A^s_{l,h,i})`` with
+    ``A_h = softmax(Q_h K_h^T / sqrt(d_h) + M)`` over the keys (``M`` masks padded keys), averaged
+    over heads and kept queries. Per layer, ``student`` / ``teacher`` hold either the query and
+    key projections ``[B, L, H * d]`` (:func:`kdkit.attention.attention_log_probs`; any attention
+    implementation) or the attention probabilities ``[B, H, L, L]`` (``output.attentions``, eager
+    attention only, after attention dropout). Hidden sizes may differ, head counts may not.
+    """
+    what = "minilm_attention"
+    if validate_args:
+        check_reduction(reduction, what)
+        student_heads, teacher_heads = check_same_heads(student_heads, teacher_heads, what)
+    log_s = _attention_distributions(student, student_heads, mask, f"{what} (student)")
+    log_t = _attention_distributions(teacher, teacher_heads, mask, f"{what} (teacher)")
+    keep = _map_keep(log_s, mask)
+    return _kl_maps(log_s, log_t, keep, reduction, num_items_in_batch, what)
+
+
+def _relations(
+    tensors: Sequence[Tensor], names: Sequence[str], num_heads: int, mask: Tensor | None, what: str
+) -> list[Tensor]:
+    """``log softmax(X_h X_h^T / sqrt(d_r) + M)`` of every projection, layer by layer."""
+    relations = []
+    for layer in _layer_groups(tensors, len(names), ", ".join(names), what):
+        keep = _attention_keep(layer[0], mask)
+        relations.extend(relation_log_probs(_drop(x, keep), num_heads, mask) for x in layer)
+    return relations
+
+
+def minilm_value_relation(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    student_heads: int,
+    teacher_heads: int | None = None,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Value-relation transfer of Wang et al. 2020, "MiniLM".
+
+    ``loss = mean_l mean_{b,i} mean_h KL(VR^t_{l,h,i} || VR^s_{l,h,i})`` with
+    ``VR_h = softmax(V_h V_h^T / sqrt(d_h) + M)`` (:func:`kdkit.attention.relation_log_probs`),
+    averaged over heads and kept queries. ``student`` / ``teacher``: the value projection
+    ``[B, L, H * d]`` of each layer. Hidden sizes may differ, head counts may not.
+    """
+    what = "minilm_value_relation"
+    if validate_args:
+        check_reduction(reduction, what)
+        student_heads, teacher_heads = check_same_heads(student_heads, teacher_heads, what)
+    rel_s = _relations(student, ("value",), student_heads, mask, f"{what} (student)")
+    rel_t = _relations(teacher, ("value",), teacher_heads, mask, f"{what} (teacher)")
+    keep = _map_keep(rel_s, mask)
+    return _kl_maps(rel_s, rel_t, keep, reduction, num_items_in_batch, what)
+
+
+def minilmv2_relations(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    relation_heads: int,
+    relations: Sequence[str] = RELATIONS,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Multi-head self-attention relation distillation of Wang et al. 2021, "MiniLMv2:
+    Multi-Head Self-Attention Relation Distillation for Compressing Pretrained Transformers".
+
+    ``loss = sum_{x in relations} mean_l mean_{b,i} mean_r KL(R^t_{x,l,r,i} || R^s_{x,l,r,i})``
+    (the paper's sum with weights 1) with ``R_{x,r} = softmax(X_r X_r^T / sqrt(d_r) + M)``: the
+    projection ``X`` (query, key or value) split into ``relation_heads`` heads ``X_r``
+    (:func:`kdkit.attention.relation_log_probs`), averaged over relation heads and kept queries.
+    ``relation_heads`` need not be either model's head count, only divide both widths, so no
+    projection is needed across hidden sizes and head counts. ``student`` / ``teacher``: per
+    layer one projection ``[B, L, width]`` per name in ``relations``, in that order.
+    """
+    what = "minilmv2_relations"
+    if validate_args:
+        check_reduction(reduction, what)
+        relations = check_relations(relations)
+        check_num_heads("relation_heads", relation_heads, what)
+    rel_s = _relations(student, relations, relation_heads, mask, f"{what} (student)")
+    rel_t = _relations(teacher, relations, relation_heads, mask, f"{what} (teacher)")
+    keep = _map_keep(rel_s, mask)
+    # The flat lists interleave the relations of each layer: relation x is every len(relations)-th.
+    n = len(relations)
+    kls = [
+        _kl_maps(rel_s[k::n], rel_t[k::n], keep, reduction, num_items_in_batch, what)
+        for k in range(n)
+    ]
+    return torch.stack(kls).sum(dim=0)
+
+
+def check_cls_index(cls_index: int) -> int:
+    """Return the ``[CLS]`` position ``cls_index``, or raise: it must be an int."""
+    if isinstance(cls_index, bool) or not isinstance(cls_index, int):
+        raise TypeError(
+            f"cls_index must be an int token position, got {cls_index!r}; BERT's [CLS] is 0, "
+            "-1 takes the last token (e.g. a causal model's summary token)"
+        )
+    return cls_index
+
+
+def patient_kd(
+    student: Sequence[Tensor],
+    teacher: Sequence[Tensor],
+    cls_index: int = 0,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Normalized [CLS] hidden-state loss of Sun et al. 2019, "Patient Knowledge Distillation
+    for BERT Model Compression".
+
+    ``loss = mean_l mean_b || h^s_l / ||h^s_l|| - h^t_l / ||h^t_l|| ||_2^2`` on the hidden state
+    ``h`` of the ``[CLS]`` token (position ``cls_index`` of ``[B, L, D]`` states; ``[B, D]``
+    states are taken as they are). The paper sums over samples and layers; the mean keeps the
+    weight independent of batch size and layer count. Student and teacher dims must match.
+    """
+    what = "patient_kd"
+    if validate_args:
+        check_reduction(reduction, what)
+        cls_index = check_cls_index(cls_index)
+    _check_layers(student, teacher, what)
+    per_layer = []
+    for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
+        for side, x in (("student", s), ("teacher", t)):
+            if x.dim() not in (2, 3):
+                raise ValueError(
+                    f"{what}: {side} hidden state {i} has shape {tuple(x.shape)}; expected token "
+                    "states [B, L, D] or [CLS] states [B, D]"
+                )
+            if x.dim() == 3 and not -x.shape[1] <= cls_index < x.shape[1]:
+                raise ValueError(
+                    f"{what}: cls_index={cls_index} is outside the {x.shape[1]} positions of the "
+                    f"{side} hidden state {i} (shape {tuple(x.shape)}); BERT's [CLS] is 0"
+                )
+        s = _upcast(s[:, cls_index] if s.dim() == 3 else s)
+        t = _upcast(t[:, cls_index] if t.dim() == 3 else t)
+        _check_same_shape(s, t, i, what)
+        per_layer.append((F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(dim=-1))
+    return _layer_mean(per_layer, None, reduction, num_items_in_batch, what)

@@ -33,6 +33,7 @@ from kdkit._checks import (
     check_temperature,
     check_weight,
 )
+from kdkit.attention import RELATIONS, check_num_heads, check_relations, check_same_heads
 from kdkit.contract import DistillationLoss
 
 __all__ = [
@@ -47,9 +48,14 @@ __all__ = [
     "KLDivLoss",
     "MSEHiddenStatesLoss",
     "MSELogitsLoss",
+    "MiniLMAttentionLoss",
+    "MiniLMValueRelationLoss",
+    "MiniLMv2RelationLoss",
     "PKTLoss",
+    "PatientKDLoss",
     "RKDLoss",
     "ReverseKLDivLoss",
+    "TinyBERTAttentionLoss",
 ]
 
 HiddenStates = Tensor | Sequence[Tensor]
@@ -509,6 +515,176 @@ class CosineHiddenStatesLoss(DistillationLoss):
         )
 
 
+def _as_layers(states: HiddenStates | None) -> list:
+    """A Tensor or a list/tuple of per-layer tensors as a list; None/empty entries are left for
+    the functional API to explain (sdpa attention returns no probabilities)."""
+    if states is None:
+        return []
+    return [states] if isinstance(states, Tensor) else list(states)
+
+
+class _AttentionMapLoss(DistillationLoss):
+    """A loss on per-head attention maps of the same head count; ``formula`` is the functional
+    form ``formula(student, teacher, student_heads, teacher_heads, mask, ...)``."""
+
+    takes_mask = True
+    formula: ClassVar[staticmethod]
+
+    def __init__(
+        self, student_heads: int, teacher_heads: int | None = None, *, reduction: str = "mean"
+    ) -> None:
+        super().__init__(reduction)
+        self.student_heads, self.teacher_heads = check_same_heads(
+            student_heads, teacher_heads, type(self).__name__
+        )
+
+    def forward(
+        self,
+        student: HiddenStates,
+        teacher: HiddenStates,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        return type(self).formula(
+            _as_layers(student),
+            _as_layers(teacher),
+            self.student_heads,
+            self.teacher_heads,
+            mask,
+            **_options(self, num_items_in_batch),
+        )
+
+    def extra_repr(self) -> str:
+        return f"heads={self.student_heads}, reduction={self.reduction!r}"
+
+
+class TinyBERTAttentionLoss(_AttentionMapLoss):
+    """TinyBERT's attention-score MSE (Jiao et al. 2020, "TinyBERT: Distilling BERT for Natural
+    Language Understanding").
+
+    ``mean_l mean_{b,i} mean_{h,j} (S^s_{l,h,ij} - S^t_{l,h,ij})^2`` on the pre-softmax scores
+    ``S_h = Q_h K_h^T / sqrt(d_h)``, over kept queries ``i`` and keys ``j`` of a ``[B, L]``
+    attention ``mask``. Reads per layer the query and the key projection ``[B, L, H * d]``:
+    ``loss([q_s0, k_s0, ...], [q_t0, k_t0, ...], mask=attention_mask)``. Hidden sizes may differ;
+    head counts may not (``teacher_heads`` defaults to ``student_heads``).
+    ``reduction="none"``: per-sample ``[B]``, or per-query ``[B, L]`` with a mask. See
+    :func:`kdkit.functional.tinybert_attention`.
+    """
+
+    formula = staticmethod(KF.tinybert_attention)
+
+
+class MiniLMAttentionLoss(_AttentionMapLoss):
+    """MiniLM's self-attention distribution transfer (Wang et al. 2020, "MiniLM: Deep
+    Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained Transformers").
+
+    ``mean_l mean_{b,i} mean_h KL(A^t_{l,h,i} || A^s_{l,h,i})``, ``A_h = softmax(Q_h K_h^T /
+    sqrt(d_h) + M)`` (``M`` drops padded keys), averaged over heads and kept queries. Reads per
+    layer the query and key projections ``[B, L, H * d]`` (any attention implementation), or the
+    attention probabilities ``[B, H, L, L]`` (``output.attentions``: eager attention only).
+    Hidden sizes may differ, head counts may not. See :func:`kdkit.functional.minilm_attention`.
+    """
+
+    formula = staticmethod(KF.minilm_attention)
+
+
+class MiniLMValueRelationLoss(_AttentionMapLoss):
+    """MiniLM's value-relation transfer (Wang et al. 2020, "MiniLM").
+
+    ``mean_l mean_{b,i} mean_h KL(VR^t_{l,h,i} || VR^s_{l,h,i})``, ``VR_h = softmax(V_h V_h^T /
+    sqrt(d_h) + M)``, averaged over heads and kept queries. Reads the value projection
+    ``[B, L, H * d]`` of each layer. MiniLM adds it to :class:`MiniLMAttentionLoss` on the last
+    layer. See :func:`kdkit.functional.minilm_value_relation`.
+    """
+
+    formula = staticmethod(KF.minilm_value_relation)
+
+
+class MiniLMv2RelationLoss(DistillationLoss):
+    """MiniLMv2's multi-head self-attention relations (Wang et al. 2021, "MiniLMv2: Multi-Head
+    Self-Attention Relation Distillation for Compressing Pretrained Transformers").
+
+    ``sum_{x in relations} mean_l mean_{b,i} mean_r KL(R^t_{x,l,r,i} || R^s_{x,l,r,i})`` with
+    ``R_{x,r} = softmax(X_r X_r^T / sqrt(d_r) + M)``: each projection (query, key, value) split
+    into ``relation_heads`` heads, which need only divide both models' widths: no projection,
+    any hidden sizes and head counts. Reads per layer one projection ``[B, L, width]`` per name in
+    ``relations``, in that order (default ``q, k, v``). See
+    :func:`kdkit.functional.minilmv2_relations`.
+    """
+
+    takes_mask = True
+
+    def __init__(
+        self,
+        relation_heads: int,
+        relations: Sequence[str] = RELATIONS,
+        *,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction)
+        self.relation_heads = check_num_heads("relation_heads", relation_heads, "MiniLMv2")
+        self.relations = check_relations(relations)
+
+    def forward(
+        self,
+        student: HiddenStates,
+        teacher: HiddenStates,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        return KF.minilmv2_relations(
+            _as_layers(student),
+            _as_layers(teacher),
+            self.relation_heads,
+            self.relations,
+            mask,
+            **_options(self, num_items_in_batch),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"relation_heads={self.relation_heads}, relations={self.relations}, "
+            f"reduction={self.reduction!r}"
+        )
+
+
+class PatientKDLoss(DistillationLoss):
+    """Patient-KD's normalized [CLS] loss (Sun et al. 2019, "Patient Knowledge Distillation for
+    BERT Model Compression").
+
+    ``mean_l mean_b || h^s_l / ||h^s_l|| - h^t_l / ||h^t_l|| ||_2^2`` on the ``[CLS]`` hidden
+    state (position ``cls_index`` of ``[B, L, D]``; ``[B, D]`` as it is) of each layer pair, e.g.
+    ``output.hidden_states`` paired by :func:`kdkit.capture.map_layers` (``"skip"`` / ``"last"``).
+    Sequence-level, so no token mask; ``reduction="none"`` gives ``[B]``. See
+    :func:`kdkit.functional.patient_kd`.
+    """
+
+    def __init__(self, cls_index: int = 0, *, reduction: str = "mean") -> None:
+        super().__init__(reduction)
+        self.cls_index = KF.check_cls_index(cls_index)
+
+    def forward(
+        self,
+        student: HiddenStates,
+        teacher: HiddenStates,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        self.refuse_unread(mask, num_items_in_batch)
+        return KF.patient_kd(
+            _as_list(student, "student"),
+            _as_list(teacher, "teacher"),
+            self.cls_index,
+            **_options(self, num_items_in_batch),
+        )
+
+    def extra_repr(self) -> str:
+        return f"cls_index={self.cls_index}, reduction={self.reduction!r}"
+
+
 class AttentionLoss(DistillationLoss):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, "Paying More Attention to
     Attention").
@@ -516,6 +692,12 @@ class AttentionLoss(DistillationLoss):
     ``mean_l mean((a(F_s,l) - a(F_t,l))^2)``, ``a(F) = normalize(flatten(mean_c |F_c|^p))``;
     larger maps are pooled to the smaller spatial size. Feature maps ``[B, C, H, W]`` only, so no
     token mask. See :func:`kdkit.functional.attention_transfer`.
+
+    Not for transformers: a ``[B, H, L, L]`` attention tensor has the shape of a feature map, and
+    this loss would take its heads for channels and its query/key axes for space, ignoring the
+    mask. For transformer attention use :class:`TinyBERTAttentionLoss` (pre-softmax scores),
+    :class:`MiniLMAttentionLoss` / :class:`MiniLMValueRelationLoss` (attention distribution,
+    value relation) or :class:`MiniLMv2RelationLoss` (query/key/value relations, any head count).
     """
 
     def __init__(self, p: float = 2, *, reduction: str = "mean") -> None:
