@@ -129,6 +129,24 @@ def _class_logits():
     return [s, t], {}, None
 
 
+def _projections(per_layer: slice = slice(None), mask: bool = True):
+    """2 layers of query, key, value projections [B, L, H * d] (2 heads; widths 6 and 8), the
+    ones ``per_layer`` selects of each layer."""
+    g = _gen(14)
+    s = [torch.randn(B, LEN, 6, generator=g) for _ in range(6)]
+    t = [torch.randn(B, LEN, 8, generator=g) for _ in range(6)]
+    s = [x for i in range(0, 6, 3) for x in s[i : i + 3][per_layer]]
+    t = [x for i in range(0, 6, 3) for x in t[i : i + 3][per_layer]]
+    return [s, t], ({"mask": _token_mask()} if mask else {}), (_token_mask() if mask else None)
+
+
+def _cls_states():
+    g = _gen(15)
+    s = [torch.randn(B, LEN, D, generator=g), torch.randn(B, D, generator=g)]
+    t = [torch.randn(B, LEN, D, generator=g), torch.randn(B, D, generator=g)]
+    return [s, t], {}, None
+
+
 def _seeded(make: Callable[..., DistillationLoss]) -> Callable[..., DistillationLoss]:
     """Same learned parameters for every reduction of one case."""
 
@@ -166,6 +184,23 @@ PER_SAMPLE = [
         "fitnets_linear", _seeded(lambda **k: L.FitNetsLoss(3, 5, "linear", **k)), _fitnets_tokens
     ),
     Case("fitnets_conv", _seeded(lambda **k: L.FitNetsLoss(3, 5, "conv", **k)), _fitnets_maps),
+    Case(
+        "tinybert_attention",
+        lambda **k: L.TinyBERTAttentionLoss(2, **k),
+        lambda: _projections(slice(0, 2)),
+    ),
+    Case(
+        "minilm_attention",
+        lambda **k: L.MiniLMAttentionLoss(2, **k),
+        lambda: _projections(slice(0, 2), mask=False),
+    ),
+    Case(
+        "minilm_value",
+        lambda **k: L.MiniLMValueRelationLoss(2, **k),
+        lambda: _projections(slice(2, 3)),
+    ),
+    Case("minilmv2", lambda **k: L.MiniLMv2RelationLoss(2, **k), _projections),
+    Case("patient_kd", lambda **k: L.PatientKDLoss(**k), _cls_states),
 ]
 
 BATCH_RELATIONAL = [
@@ -212,6 +247,20 @@ DECLARED = {
     L.FitNetsLoss: (False, True, True, True, False),
     L.PKTLoss: (False, True, False, False, False),
     L.RKDLoss: (False, True, False, False, False),
+    L.TinyBERTAttentionLoss: (False, True, True, True, False),
+    L.MiniLMAttentionLoss: (False, True, True, True, False),
+    L.MiniLMValueRelationLoss: (False, True, True, True, False),
+    L.MiniLMv2RelationLoss: (False, True, True, True, False),
+    L.PatientKDLoss: (False, True, False, True, False),
+}
+
+# the positional arguments a loss cannot be built without
+REQUIRED_ARGS = {
+    L.FitNetsLoss: (3, 5),
+    L.TinyBERTAttentionLoss: (2,),
+    L.MiniLMAttentionLoss: (2,),
+    L.MiniLMValueRelationLoss: (2,),
+    L.MiniLMv2RelationLoss: (2,),
 }
 
 
@@ -221,7 +270,7 @@ def test_every_loss_declares_its_contract():
         assert issubclass(cls, DistillationLoss), cls.__name__
         got = (cls.needs_target, cls.reads_teacher, cls.takes_mask, cls.per_sample)
         assert got == (needs_target, reads_teacher, takes_mask, per_sample), cls.__name__
-        loss = cls(3, 5) if cls is L.FitNetsLoss else cls()
+        loss = cls(*REQUIRED_ARGS.get(cls, ()))
         assert (loss.temperature is not None) == soft, cls.__name__
         if soft:
             assert isinstance(loss.temperature, float)
@@ -319,9 +368,8 @@ def test_batch_relational_losses_refuse_per_sample_reductions(make, inputs):
 
 @pytest.mark.parametrize("cls", list(DECLARED), ids=lambda c: c.__name__)
 def test_unknown_reduction_is_refused(cls):
-    extra = (3, 5) if cls is L.FitNetsLoss else ()
     with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none'"):
-        cls(*extra, reduction="batchmean")
+        cls(*REQUIRED_ARGS.get(cls, ()), reduction="batchmean")
 
 
 @pytest.mark.parametrize(
