@@ -5,6 +5,8 @@ Small random-init BERT, GPT-2 and Llama models built from configs (nothing is do
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -108,6 +110,17 @@ def test_student_config_for_llama_follows_heads_and_grouped_query_attention():
     assert model(_ids()).logits.shape == (2, 9, 100)
 
 
+def test_student_config_shortens_per_layer_attention_kinds():
+    teacher = transformers.Qwen2Config(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=100, use_sliding_window=True, max_window_layers=1,
+    )  # fmt: skip
+    assert len(teacher.layer_types) == 4 and len(set(teacher.layer_types)) == 2
+    config = student_config(teacher, 2)
+    assert config.layer_types == teacher.layer_types[:2]
+    assert _build(transformers.Qwen2ForCausalLM, config, 0)(_ids()).logits.shape == (2, 9, 100)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -121,6 +134,12 @@ def test_student_config_for_llama_follows_heads_and_grouped_query_attention():
 def test_student_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         student_config(_bert_config(), **kwargs)
+
+
+def test_without_transformers_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises
+    with pytest.raises(ImportError, match=r"pip install 'kdkit\[hf\]'"):
+        student_config(_bert_config(), 2)
 
 
 def test_student_config_needs_a_config():

@@ -39,7 +39,7 @@ _INTERMEDIATE_NAMES = ("intermediate_size", "n_inner", "ffn_dim", "d_ff")
 def _require_transformers() -> Any:
     try:
         import transformers
-    except ImportError as error:  # pragma: no cover - the test extra installs it
+    except ImportError as error:
         raise ImportError(
             "kdkit.hf needs Hugging Face transformers; install the extra: pip install 'kdkit[hf]'"
         ) from error
@@ -93,7 +93,8 @@ def student_config(
     Everything else is copied: vocabulary, maximum positions, token types, activation, dropout,
     labels, ``architectures``. ``head_dim`` follows the new width when it was ``hidden_size /
     num_attention_heads``; ``num_key_value_heads`` follows ``num_heads`` when the teacher had no
-    grouped-query attention, else it is kept and must divide ``num_heads``.
+    grouped-query attention, else it is kept and must divide ``num_heads``. A per-layer
+    ``layer_types`` list (full / sliding attention) keeps its first ``num_layers`` entries.
     """
     transformers = _require_transformers()
     if not isinstance(teacher_config, transformers.PretrainedConfig):
@@ -140,6 +141,10 @@ def student_config(
                 f"num_key_value_heads={teacher_kv} (grouped-query attention); pick num_heads a "
                 "multiple of it, or pass num_key_value_heads=... as well"
             )
+    layer_types = getattr(teacher_config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == teacher_layers:
+        # Per-layer attention kinds (Qwen2, Gemma: full / sliding): the pattern's first layers.
+        config.layer_types = layer_types[:num_layers]
     _set_intermediate(config, teacher_config, intermediate_size, hidden, teacher_hidden)
     for name, value in overrides.items():
         setattr(config, name, value)
