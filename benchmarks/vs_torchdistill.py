@@ -4,7 +4,7 @@ torchdistill is not a kdkit dependency and is never imported by kdkit. It lives 
 environment, e.g.::
 
     python3 -m venv /tmp/tdvenv
-    /tmp/tdvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 torchdistill
+    /tmp/tdvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 torchdistill rich
 
 This script (run from kdkit's venv) looks for a Python that can import torchdistill: the current
 one, ``--td-python``, ``$KDKIT_TD_PYTHON``, or ``/tmp/tdvenv/bin/python``; without one it
@@ -12,7 +12,8 @@ records a skip with the reason. kdkit is put on that Python's path (``PYTHONPATH
 frameworks run in the same interpreter with the same torch:
 
 * time: ONE worker process runs both step functions, alternating step by step (ratio = median
-  of the per-pair ratios kdkit / torchdistill);
+  of the per-pair ratios kdkit / torchdistill), and counts the torch ops of a step of each
+  (torch.profiler; deterministic, so a load-free measure next to the load-sensitive times);
 * memory: one fresh worker process per framework runs the same steps and reports its peak
   resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) and the peak minus the RSS after
   setup (models built, framework imported) — the training increment.
@@ -62,7 +63,7 @@ TEMPERATURE = 4.0
 ALPHA = 0.5
 INSTALL_HINT = (
     "python3 -m venv /tmp/tdvenv && /tmp/tdvenv/bin/pip install torch==2.14.1 "
-    "torchvision==0.29.1 torchdistill"
+    "torchvision==0.29.1 torchdistill rich"  # rich: imported by kdkit
 )
 
 
@@ -184,6 +185,7 @@ def worker_time(mode: str) -> dict[str, Any]:
         return go
 
     times = interleaved({fw: many(s) for fw, s in steps.items()}, cfg["repeats"], warmup=3)
+    ops = {fw: ops_per_step(step, batches) for fw, step in steps.items()}
     per_step = {k: [t / cfg["steps"] for t in v] for k, v in times.items()}
     import torch
     import torchdistill
@@ -194,12 +196,23 @@ def worker_time(mode: str) -> dict[str, Any]:
         "torchdistill": getattr(torchdistill, "__version__", "?"),
         "first_loss": first,
         "first_loss_abs_diff": abs(first["kdkit"] - first["torchdistill"]),
+        "ops_per_step": ops,
         "step_s": {k: summary(v) for k, v in per_step.items()},
         "ratio_kdkit_over_torchdistill": paired_ratio(per_step["kdkit"], per_step["torchdistill"]),
         "floor_ratio_kdkit_over_torchdistill": floor_ratio(
             per_step["kdkit"], per_step["torchdistill"]
         ),
     }
+
+
+def ops_per_step(step: Any, batches: list[Any], steps: int = 4) -> float:
+    """Torch ops (every profiler event: forward, backward, optimizer) per training step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(*batches[i % len(batches)])
+    return sum(e.count for e in prof.key_averages()) / steps
 
 
 def worker_memory(mode: str, framework: str) -> dict[str, Any]:
@@ -314,6 +327,9 @@ def report(result: dict[str, Any]) -> str:
             f"{t['first_loss_abs_diff']:.2e})",
             f"- step time: kdkit {fmt_ms(t['step_s']['kdkit'])}, torchdistill "
             f"{fmt_ms(t['step_s']['torchdistill'])}",
+            f"- torch ops per step (torch.profiler, load-free): kdkit "
+            f"{t['ops_per_step']['kdkit']:.0f}, torchdistill "
+            f"{t['ops_per_step']['torchdistill']:.0f}",
             f"- **step-time ratio kdkit / torchdistill: "
             f"{fmt_ratio(t['ratio_kdkit_over_torchdistill'])}**; fastest steps: min "
             f"{t['floor_ratio_kdkit_over_torchdistill']['min']:.3f}, first quartile "

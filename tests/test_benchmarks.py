@@ -139,6 +139,9 @@ def test_vs_torchdistill_smoke() -> None:
     _positive_summary(timing["ratio_kdkit_over_torchdistill"])
     # Same models, same batch, same KD formula: the first losses agree.
     assert timing["first_loss_abs_diff"] < 1e-4
+    # The op counts are the load-free measure next to the times.
+    assert timing["ops_per_step"]["kdkit"] > 0 and timing["ops_per_step"]["torchdistill"] > 0
+    assert "torch ops per step" in vs.report(result)
     assert result["ratio_peak_rss_kdkit_over_torchdistill"] > 0
     for fw in ("kdkit", "torchdistill"):
         assert result["memory"][fw]["peak_rss_mib"] > 0

@@ -466,3 +466,37 @@ def test_config_exclude_first_and_last_reaches_the_terms():
         cfg = compose("config", overrides=overrides)
     term = terms_from_config(cfg.distill)["at"]
     assert term.student == ["block2"] and term.teacher == ["block2"]
+
+
+# ------------------------------------------------------------------ StepCapture
+def test_step_capture_reads_one_call_and_leaves_no_hooks():
+    from kdkit.capture import StepCapture
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    capture = StepCapture(model, ["0", "2"])
+    x = torch.randn(5, 3)
+    out, features = capture(model, x)
+    assert torch.equal(out, model(x))
+    assert torch.equal(features["0"], model[0](x))
+    assert torch.equal(features["2"], out)
+    assert features["2"].requires_grad  # not detached
+    assert not any(m._forward_hooks for m in model.modules())
+    _, again = capture(model, x)
+    assert again is not features  # a fresh dict per call
+
+
+def test_step_capture_removes_its_hooks_when_the_call_raises():
+    from kdkit.capture import StepCapture
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    capture = StepCapture(model, ["1"])
+    with pytest.raises(RuntimeError):
+        capture(model, torch.randn(5, 7))  # wrong width
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_step_capture_names_a_missing_path_at_construction():
+    from kdkit.capture import StepCapture
+
+    with pytest.raises(ValueError, match="no module at path 'blocks.9'"):
+        StepCapture(nn.Sequential(nn.Linear(2, 2)), ["blocks.9"])

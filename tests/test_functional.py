@@ -586,3 +586,88 @@ def test_hidden_state_mismatch_names_layer_and_shapes():
         KF.mse_hidden_states(s, t[:1])
     with pytest.raises(ValueError, match=r"hidden state 0 .*\[B, C, H, W\]"):
         KF.attention_transfer([torch.randn(2, 3, 4, 4)], [torch.randn(3, 3, 4, 4)])
+
+
+# ------------------------------------------------------------------ fused fast paths (issue 7 §5)
+@pytest.mark.parametrize("p", [2, 4, 2.0])
+def test_attention_map_even_power_skips_abs_with_the_same_value_and_gradient(p):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    ref = F.normalize(x.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+    (ref_grad,) = torch.autograd.grad(ref.pow(3).sum(), x)
+    value = KF.attention_map(x, p)
+    (grad,) = torch.autograd.grad(value.pow(3).sum(), x)
+    torch.testing.assert_close(value, ref, rtol=0, atol=1e-15)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_attention_map_odd_power_still_takes_the_absolute_value():
+    x = -torch.ones(1, 2, 2, 2)
+    torch.testing.assert_close(KF.attention_map(x, 3), torch.full((1, 4), 0.5))
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 5)])
+def test_kl_div_fused_mean_equals_the_mean_of_per_sample_values(shape):
+    g = torch.Generator().manual_seed(12)
+    s = torch.randn(*shape, generator=g, dtype=torch.float64)
+    t = torch.randn(*shape, generator=g, dtype=torch.float64)
+    t[..., -1] = float("-inf")  # a class the teacher masks
+    s[..., -1] = float("-inf")  # ... and the student too: 0 log 0 = 0
+    for loss in (KF.kl_div, KF.reverse_kl_div):
+        s_ = s.clone().requires_grad_()
+        mean = loss(s_, t, 2.0)
+        (grad,) = torch.autograd.grad(mean, s_)
+        none = loss(s, t, 2.0, reduction="none")
+        assert mean.item() == pytest.approx(none.mean().item(), rel=1e-12)
+        assert torch.isfinite(grad).all()
+
+
+def test_cross_entropy_labels_drop_out_of_every_reduction():
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, -1, 3, -100, 0])
+    rows = -torch.log_softmax(z, -1)[torch.arange(5), y.clamp(min=0)]
+    rows = torch.where(y >= 0, rows, torch.zeros_like(rows))
+    torch.testing.assert_close(KF.cross_entropy(z, y, reduction="none"), rows)
+    torch.testing.assert_close(KF.cross_entropy(z, y, reduction="sum"), rows.sum())
+    torch.testing.assert_close(KF.cross_entropy(z, y), rows.sum() / 3)
+    torch.testing.assert_close(KF.cross_entropy(z, y, num_items_in_batch=6), rows.sum() / 6)
+    # nothing labelled: 0 (not NaN), with zero gradients
+    z_ = z.clone().requires_grad_()
+    value = KF.cross_entropy(z_, torch.full((5,), -1))
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.equal(z_.grad, torch.zeros_like(z))
+
+
+def test_cross_entropy_token_logits_with_a_mask_match_the_reference():
+    g = torch.Generator().manual_seed(14)
+    z = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([[0, 1, -100], [3, -1, 2]])
+    mask = torch.tensor([[True, False, True], [True, True, True]])
+    keep = (y >= 0) & mask
+    rows = -torch.log_softmax(z, -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    rows = torch.where(keep, rows, torch.zeros_like(rows))
+    torch.testing.assert_close(KF.cross_entropy(z, y, mask=mask, reduction="none"), rows)
+    torch.testing.assert_close(KF.cross_entropy(z, y, mask=mask), rows.sum() / keep.sum())
+
+
+def test_feature_losses_plain_mean_equals_the_mean_of_per_sample_values():
+    g = torch.Generator().manual_seed(15)
+    s = [torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    t = [torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    for loss in (KF.mse_hidden_states, KF.cosine_hidden_states, KF.attention_transfer):
+        mean = loss(s, t)
+        none = loss(s, t, reduction="none")
+        assert none.shape == (4,)
+        assert mean.item() == pytest.approx(none.mean().item(), rel=1e-12)
+        assert loss(s, t, reduction="sum").item() == pytest.approx(none.sum().item(), rel=1e-12)
+
+
+def test_shared_log_softmax_computes_once_per_tensor_and_temperature():
+    z = torch.randn(3, 4)
+    with KF.shared_log_softmax():
+        a = KF.log_softmax(z, 2.0)
+        assert KF.log_softmax(z, 2.0) is a
+        assert KF.log_softmax(z, 1.0) is not a
+    assert KF.log_softmax(z, 2.0) is not a  # the block is closed

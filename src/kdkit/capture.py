@@ -341,6 +341,33 @@ def _register(
     return module.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+class StepCapture:
+    """The outputs of fixed modules of ``model`` during one call at a time (what a training step
+    reads): ``output, features = capture(fn, *args)``.
+
+    The paths are resolved once, here. Each call registers one plain forward hook per module,
+    runs ``fn(*args)`` and removes the hooks again (also when it raises), so the model carries
+    no hooks between calls. ``features`` is a fresh ``{path: tensor}`` (not detached; a module
+    called several times keeps its last call). Lighter per call than a :class:`FeatureCapture`,
+    which also serves long-lived captures (a pre-hook emptying its store, a finalizer).
+    """
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
+        self.modules = [(path, resolve_module(model, path)) for path in paths]
+
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Tensor]]:
+        features: dict[str, Tensor] = {}
+        handles = [
+            module.register_forward_hook(_Capture(features, path, None, "output"))
+            for path, module in self.modules
+        ]
+        try:
+            return fn(*args), features
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 # --------------------------------------------------------------------------------------------
 # shape probing
 # --------------------------------------------------------------------------------------------

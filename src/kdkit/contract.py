@@ -59,16 +59,37 @@ def reduce(
         values = torch.where(keep, values, zero)
     if reduction == "none":
         return values
-    if reduction == "mean" and keep is None and num_items_in_batch is None and values.numel():
+    if plain_mean(values, keep, reduction, num_items_in_batch):
         return values.mean()  # one kernel: the common case of the hot path
-    total = values.sum()
+    return reduce_sum(values.sum(), keep, reduction, num_items_in_batch, values.numel())
+
+
+def reduce_sum(
+    total: Tensor,
+    keep: Tensor | None,
+    reduction: str,
+    num_items_in_batch: int | Tensor | None,
+    numel: int,
+) -> Tensor:
+    """``"sum"`` or ``"mean"`` of ``numel`` values whose kept sum is ``total``: the sum, or the
+    sum over ``num_items_in_batch`` when given, else over the kept count (at least 1)."""
     if reduction == "sum":
         return total
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     if keep is None:
-        return total / max(values.numel(), 1)
+        return total / max(numel, 1)
     return total / keep.sum().clamp(min=1)
+
+
+def plain_mean(
+    values: Tensor, keep: Tensor | None, reduction: str, num_items_in_batch: int | Tensor | None
+) -> bool:
+    """Whether :func:`reduce` is the plain mean of every entry of the (non-empty) ``values`` (or
+    of the inputs they are computed from), so that a loss may fuse it into its own kernel
+    (``F.kl_div(reduction="batchmean")``, ``F.mse_loss``): nothing masked, no outside count."""
+    unmasked = keep is None and num_items_in_batch is None
+    return reduction == "mean" and unmasked and values.numel() > 0
 
 
 class DistillationLoss(nn.Module):

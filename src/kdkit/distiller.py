@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.batch import call_model
-from kdkit.capture import FeatureCapture, Selector, select_tensor
+from kdkit.capture import Selector, StepCapture, select_tensor
 from kdkit.finite import FiniteCheck
 from kdkit.functional import shared_log_softmax
 from kdkit.hooks import DistillationHooks
@@ -136,6 +136,7 @@ class Distiller(DistillationHooks, nn.Module):
             {n: t.loss for n, t in self.terms.items() if isinstance(t.loss, nn.Module)}
         )
         check_paths(self._bound, student, self.teachers)
+        self._student_capture = StepCapture(student, self._student_feature_paths)
         self.adapters = build_adapters(self._bound, student, self.teachers, example_input)
         self.epoch = 0
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
@@ -203,11 +204,8 @@ class Distiller(DistillationHooks, nn.Module):
         teacher = self.teacher_outputs(
             inputs, teacher_output=teacher_output, index=index, epoch=epoch
         )
-        paths = self._student_feature_paths
-        if paths:
-            with FeatureCapture(self.student, paths) as cap:
-                student_output = call_model(self.student, inputs)
-            features = dict(cap.features)
+        if self._student_feature_paths:
+            student_output, features = self._student_capture(call_model, self.student, inputs)
         else:
             student_output, features = call_model(self._student_fn, inputs), {}
         return self.compute_loss(
@@ -255,13 +253,14 @@ class Distiller(DistillationHooks, nn.Module):
         )
         values: dict[str, Tensor] = {}
         weighted = []
+        ensemble, adapters = self.teacher_side.ensemble, self.adapters
         with shared_log_softmax():
             for bound in self._bound:
-                value = bound.value(step, self.teacher_side.ensemble, self.adapters)
+                value = bound.value(step, ensemble, adapters)
                 values[bound.name] = value.detach()
                 w = bound.term.weight
                 weighted.append(value if w == 1 else w * value)
-        total = weighted[0] if len(weighted) == 1 else torch.stack(weighted).sum()
+        total = sum(weighted[1:], weighted[0])  # no stack: a kernel fewer
         if self.check_finite:
             self._check_finite(total, values)
         return DistillerOutput(total, values, student_output, logits, teacher.logits)

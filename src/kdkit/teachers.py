@@ -19,13 +19,16 @@ import contextlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from kdkit.batch import call_model
-from kdkit.capture import FeatureCapture, Selector, select_tensor
+from kdkit.capture import Selector, StepCapture, select_tensor
+
+_TRAINING = attrgetter("training")
 
 
 class TeacherOutputs(NamedTuple):
@@ -88,6 +91,10 @@ class OnlineTeachers(TeacherSource):
         # Read every step to re-assert eval mode: listing the modules once keeps that cheap.
         self._all_modules = [list(t.modules()) for t in self.teachers]
         self.feature_paths = [list(feature_paths.get(k, [])) for k in range(len(self.teachers))]
+        self._captures = [
+            StepCapture(t, paths)
+            for t, paths in zip(self.teachers, self.feature_paths, strict=True)
+        ]
         self.logits_selector = logits_selector
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
@@ -107,18 +114,16 @@ class OnlineTeachers(TeacherSource):
             inputs = to_channels_last(inputs)
         logits, features = [], []
         for k, teacher in enumerate(self.teachers):
-            # Reading every module's flag is cheaper than eval()'s setattr on each of them.
-            if any(m.training for m in self._all_modules[k]):
+            # Reading every module's flag (in C, via map) is cheaper than eval()'s setattr on
+            # each of them.
+            if any(map(_TRAINING, self._all_modules[k])):
                 teacher.eval()
-            paths = self.feature_paths[k]
             with torch.no_grad(), self._autocast(inputs):
-                if paths:
-                    with FeatureCapture(teacher, paths) as cap:
-                        output = call_model(teacher, inputs)
-                    features.append(dict(cap.features))
+                if self.feature_paths[k]:
+                    output, captured = self._captures[k](call_model, teacher, inputs)
                 else:
-                    output = call_model(self._forwards[k], inputs)
-                    features.append({})
+                    output, captured = call_model(self._forwards[k], inputs), {}
+            features.append(captured)
             logits.append(select_tensor(output, self.logits_selector))
         return TeacherOutputs(logits, features)
 
