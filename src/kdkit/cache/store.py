@@ -111,6 +111,68 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old_dir)
 
 
+def _load_meta(
+    path: Path, who: str, required: Sequence[str], format_version: int, hint: str
+) -> dict:
+    """``path/meta.json`` of a finished cache, checked; errors say what is wrong and ``hint``."""
+    meta_path = path / _META
+    if not meta_path.is_file():
+        partial = path.parent / f".{path.name}.partial" / PARTIAL_META
+        if partial.is_file():
+            done = json.loads(partial.read_text()).get("rows_done", 0)
+            raise FileNotFoundError(
+                f"{who}: {path} is not finished (the build stopped after {done} "
+                f"rows); call {who}.build again with the same arguments to resume it"
+            )
+        raise FileNotFoundError(f"{who}: no cache at {path} ({meta_path} missing); {hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{who}: {meta_path} is corrupted ({exc}); {hint}") from exc
+    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
+    if missing or not isinstance(meta.get("arrays"), dict):
+        raise ValueError(
+            f"{who}: {meta_path} is corrupted (not a kdkit cache description; missing "
+            f"{missing or ['arrays']}); {hint}"
+        )
+    if meta.get("format_version") != format_version:
+        raise ValueError(
+            f"{who}: {meta_path} has format_version {meta.get('format_version')!r}, "
+            f"this kdkit reads {format_version}; {hint}"
+        )
+    return meta
+
+
+def _verify_arrays(path: Path, arrays: dict, who: str, hint: str, checksums: bool) -> None:
+    """Each array file of ``arrays`` (meta.json's) exists, has its size and (optionally) sha256."""
+    for info in arrays.values():
+        file = path / info["file"]
+        if not file.is_file():
+            raise ValueError(f"{who}: array file {file} is missing; {hint}")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise ValueError(
+                f"{who}: array file {file} has {size} bytes, meta.json records "
+                f"{info['bytes']} (truncated or overwritten); {hint}"
+            )
+        if checksums and not _checksum_matches(file, info["sha256"]):
+            raise ValueError(
+                f"{who}: array file {file} fails its sha256 checksum (corrupted); {hint}"
+            )
+
+
+def _finish_build(tmp: Path, path: Path, meta: dict) -> None:
+    """Record each array's size and sha256 in ``meta``, write it, and rename ``tmp`` to
+    ``path`` (replacing what is there)."""
+    for info in meta["arrays"].values():
+        file = tmp / info["file"]
+        info["bytes"] = file.stat().st_size
+        info["sha256"] = _sha256_file(file)
+    _write_json_atomic(tmp / _META, meta)
+    (tmp / PARTIAL_META).unlink(missing_ok=True)
+    _replace_dir(tmp, path)
+
+
 class TeacherCache:
     """Teacher outputs for every sample (and every augmented view), read back by sample index.
 
@@ -269,58 +331,11 @@ class TeacherCache:
         (teacher weights / dataset / transform).
         """
         path = Path(path)
-        meta_path = path / _META
-        if not meta_path.is_file():
-            partial = path.parent / f".{path.name}.partial" / PARTIAL_META
-            if partial.is_file():
-                done = json.loads(partial.read_text()).get("rows_done", 0)
-                raise FileNotFoundError(
-                    f"TeacherCache: {path} is not finished (the build stopped after {done} "
-                    "rows); call TeacherCache.build again with the same arguments to resume it"
-                )
-            raise FileNotFoundError(
-                f"TeacherCache: no cache at {path} ({meta_path} missing); {_REBUILD_HINT}"
-            )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"TeacherCache: {meta_path} is corrupted ({exc}); {_REBUILD_HINT}"
-            ) from exc
-        missing = (
-            [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
-        )
-        if missing or not isinstance(meta.get("arrays"), dict):
-            raise ValueError(
-                f"TeacherCache: {meta_path} is corrupted (not a kdkit cache description; missing "
-                f"{missing or ['arrays']}); {_REBUILD_HINT}"
-            )
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"TeacherCache: {meta_path} has format_version {meta.get('format_version')!r}, "
-                f"this kdkit reads {FORMAT_VERSION}; {_REBUILD_HINT}"
-            )
+        meta = _load_meta(path, "TeacherCache", _META_KEYS, FORMAT_VERSION, _REBUILD_HINT)
         cache = cls(path, meta)
-        cache._verify_files(checksums=verify)
+        _verify_arrays(path, meta["arrays"], "TeacherCache", _REBUILD_HINT, checksums=verify)
         cache.check(teacher=teacher, dataset=dataset, transform_id=transform_id)
         return cache
-
-    def _verify_files(self, checksums: bool) -> None:
-        for info in self.meta["arrays"].values():
-            file = self.path / info["file"]
-            if not file.is_file():
-                raise ValueError(f"TeacherCache: array file {file} is missing; {_REBUILD_HINT}")
-            size = file.stat().st_size
-            if size != info["bytes"]:
-                raise ValueError(
-                    f"TeacherCache: array file {file} has {size} bytes, meta.json records "
-                    f"{info['bytes']} (truncated or overwritten); {_REBUILD_HINT}"
-                )
-            if checksums and not _checksum_matches(file, info["sha256"]):
-                raise ValueError(
-                    f"TeacherCache: array file {file} fails its sha256 checksum (corrupted); "
-                    f"{_REBUILD_HINT}"
-                )
 
     def check(
         self,
@@ -499,13 +514,7 @@ class TeacherCache:
         meta["transform_identity"] = _transform_identity(dataset, transform_id)
         meta["seeded_views"] = _find_seeded_views(dataset) is not None
         meta["dataset_name"] = _dataset_name(dataset)
-        for info in meta["arrays"].values():
-            file = tmp / info["file"]
-            info["bytes"] = file.stat().st_size
-            info["sha256"] = _sha256_file(file)
-        _write_json_atomic(tmp / _META, meta)
-        (tmp / PARTIAL_META).unlink(missing_ok=True)
-        _replace_dir(tmp, path)
+        _finish_build(tmp, path, meta)
         logger.info("TeacherCache.build: wrote %s (%d samples x %d views)", path, n, epochs)
         return cls.open(path, verify=False)
 
