@@ -142,7 +142,6 @@ def stdlib_bpe(corpus, vocab_size: int = 4096, cache_dir: str | Path | None = No
     (default :func:`default_cache_dir` ``/tokenizers``) by corpus sha256, vocabulary size and
     ``tokenizers`` version; an unreadable cached file is trained again and replaced."""
     import tokenizers
-
     from tokenizers import Tokenizer
 
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "tokenizers"
