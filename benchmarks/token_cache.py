@@ -77,7 +77,7 @@ def _train_teacher(teacher: torch.nn.Module, stream: torch.Tensor, steps: int) -
         loss.backward()
         opt.step()
     teacher.eval()
-    return float(loss)
+    return loss.item()
 
 
 def _windows(stream: torch.Tensor, count: int) -> TokenSequences:

@@ -173,7 +173,72 @@ def _finish_build(tmp: Path, path: Path, meta: dict) -> None:
     _replace_dir(tmp, path)
 
 
-class TeacherCache:
+class _MappedCache:
+    """A finished cache directory: its ``meta.json`` and its arrays, memory-mapped lazily (and
+    reopened in each process: DataLoader workers, DDP ranks)."""
+
+    _who = "TeacherCache"
+    _unit = "sample"
+
+    def __init__(self, path: str | os.PathLike, meta: dict) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @property
+    def fingerprint(self) -> dict:
+        return dict(self.meta["fingerprint"])
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "meta": self.meta, "_arrays": None}
+
+    def _array(self, name: str) -> np.ndarray:
+        if self._arrays is None:
+            self._arrays = {
+                key: np.load(self.path / info["file"], mmap_mode="r")
+                for key, info in self.meta["arrays"].items()
+            }
+        return self._arrays[name]
+
+    def _indices(self, index: Tensor | Sequence[int]) -> tuple[np.ndarray, torch.device]:
+        """``index`` as int64 ``[B]`` checked against ``len(self)``, and the device to return on
+        (``index``'s when it is a tensor)."""
+        device = index.device if isinstance(index, Tensor) else torch.device("cpu")
+        idx = index.detach().to("cpu").numpy() if isinstance(index, Tensor) else np.asarray(index)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(
+                f"{self._who}.teacher_output: index must hold integers, got dtype {idx.dtype}"
+            )
+        idx = idx.astype(np.int64).reshape(-1)
+        n = len(self)  # type: ignore[arg-type]
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(
+                f"{self._who}.teacher_output: {self._unit} index {bad} out of range [0, {n}); "
+                f"the cache was built for a dataset of {n} {self._unit}s"
+            )
+        return idx, device
+
+
+def _reuse(path: Path, settings: dict, who: str) -> bool:
+    """Whether the finished cache at ``path`` was built with ``settings`` (then it is opened,
+    not rebuilt); warns when a cache built otherwise is about to be replaced."""
+    if not (path / _META).is_file():
+        return False
+    try:
+        if json.loads((path / _META).read_text()).get("settings") == settings:
+            return True
+    except (ValueError, OSError):
+        return False  # unreadable or corrupted: rebuilt
+    warnings.warn(
+        f"{who}.build: replacing the cache at {path}, which was built with a different "
+        "teacher, data or settings (it stays readable until the new one is complete)",
+        stacklevel=3,
+    )
+    return False
+
+
+class TeacherCache(_MappedCache):
     """Teacher outputs for every sample (and every augmented view), read back by sample index.
 
     Build once with :meth:`build`, reopen with :meth:`open`; then in the training loop::
@@ -185,11 +250,6 @@ class TeacherCache:
     ``K * (k * (2 + 2 or 4) + 4)`` bytes per sample for fp16 values, int16/int32 indices and a
     float32 tail.
     """
-
-    def __init__(self, path: str | os.PathLike, meta: dict) -> None:
-        self.path = Path(path)
-        self.meta = meta
-        self._arrays: dict[str, np.ndarray] | None = None
 
     # ---- public properties ---------------------------------------------------------------
 
@@ -223,10 +283,6 @@ class TeacherCache:
         return list(self.meta["features"])
 
     @property
-    def fingerprint(self) -> dict:
-        return dict(self.meta["fingerprint"])
-
-    @property
     def bytes_per_sample(self) -> int:
         total = 0
         for info in self.meta["arrays"].values():
@@ -242,23 +298,11 @@ class TeacherCache:
             f"bytes_per_sample={self.bytes_per_sample})"
         )
 
-    def __getstate__(self) -> dict:
-        # memmaps are reopened lazily in each process (DataLoader workers, DDP ranks).
-        return {"path": self.path, "meta": self.meta, "_arrays": None}
-
     def seeded_views(self, dataset: Dataset, transform: Callable[[Any], Any] | None) -> SeededViews:
         """The training-side :class:`SeededViews` with this cache's seed and number of views."""
         return SeededViews(dataset, transform, seed=self.seed, num_views=self.num_views)
 
     # ---- reading -------------------------------------------------------------------------
-
-    def _array(self, name: str) -> np.ndarray:
-        if self._arrays is None:
-            self._arrays = {
-                key: np.load(self.path / info["file"], mmap_mode="r")
-                for key, info in self.meta["arrays"].items()
-            }
-        return self._arrays[name]
 
     def _view_of(self, epoch: int | None) -> int:
         if epoch is None:
@@ -276,20 +320,7 @@ class TeacherCache:
         Returns ``{"logits": float32 [B, *S]}`` plus ``"features": {path: float32 tensor}`` when
         features were cached; tensors are on ``index``'s device when it is a tensor.
         """
-        device = index.device if isinstance(index, Tensor) else torch.device("cpu")
-        idx = index.detach().to("cpu").numpy() if isinstance(index, Tensor) else np.asarray(index)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(
-                f"TeacherCache.teacher_output: index must hold integers, got dtype {idx.dtype}"
-            )
-        idx = idx.astype(np.int64).reshape(-1)
-        n = len(self)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            bad = int(idx[(idx < 0) | (idx >= n)][0])
-            raise IndexError(
-                f"TeacherCache.teacher_output: sample index {bad} out of range [0, {n}); the "
-                f"cache was built for a dataset of {n} samples"
-            )
+        idx, device = self._indices(index)
         view = self._view_of(epoch)
 
         def rows(name: str) -> Tensor:
@@ -467,20 +498,8 @@ class TeacherCache:
             "fingerprint": fingerprint,
         }
 
-        if (path / _META).is_file():
-            try:
-                old = json.loads((path / _META).read_text())
-                if old.get("settings") == settings:
-                    return cls.open(path, verify=True)
-            except (ValueError, OSError):
-                pass  # unreadable or corrupted: rebuild it below
-            else:
-                warnings.warn(
-                    f"TeacherCache.build: replacing the cache at {path}, which was built with a "
-                    "different teacher, dataset, transform or settings (it stays readable until "
-                    "the new one is complete)",
-                    stacklevel=2,
-                )
+        if _reuse(path, settings, "TeacherCache"):
+            return cls.open(path, verify=True)
 
         tmp = path.parent / f".{path.name}.partial"
         build = PartialBuild.resume_or_start(tmp, settings, batch_size * checkpoint_every)

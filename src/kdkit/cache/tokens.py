@@ -21,10 +21,8 @@ files) and refuses another teacher, data set, tokenizer or vocabulary size, nami
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,7 +37,7 @@ from kdkit.cache.checks import _WRAP_HINT, _index_of
 from kdkit.cache.fingerprint import _dataset_name, fingerprint_dataset, fingerprint_teacher
 from kdkit.cache.partial import PartialBuild
 from kdkit.cache.progress import BuildProgress
-from kdkit.cache.store import _META, _finish_build, _load_meta, _verify_arrays
+from kdkit.cache.store import _finish_build, _load_meta, _MappedCache, _reuse, _verify_arrays
 from kdkit.cache.topk import topk_log_compress, topk_reconstruct
 from kdkit.capture import select_tensor
 from kdkit.functional import topk_at_temperature
@@ -109,7 +107,7 @@ class TopKTokens(NamedTuple):
         )
 
 
-class TokenCache:
+class TokenCache(_MappedCache):
     """A causal LM teacher's top-k distribution at every token of a data set of sequences.
 
     Build once with :meth:`build`, reopen with :meth:`open`, then per batch::
@@ -120,10 +118,8 @@ class TokenCache:
     ``bytes_per_token`` is the stored payload per token (offsets and meta.json excluded).
     """
 
-    def __init__(self, path: str | os.PathLike, meta: dict) -> None:
-        self.path = Path(path)
-        self.meta = meta
-        self._arrays: dict[str, np.ndarray] | None = None
+    _who = "TokenCache"
+    _unit = "sequence"
 
     # ---- public properties ---------------------------------------------------------------
 
@@ -141,10 +137,6 @@ class TokenCache:
     @property
     def vocab_size(self) -> int:
         return int(self.meta["vocab_size"])
-
-    @property
-    def fingerprint(self) -> dict:
-        return dict(self.meta["fingerprint"])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -165,37 +157,12 @@ class TokenCache:
             f"bytes_per_token={self.bytes_per_token})"
         )
 
-    def __getstate__(self) -> dict:
-        # memmaps are reopened lazily in each process (DataLoader workers, DDP ranks).
-        return {"path": self.path, "meta": self.meta, "_arrays": None}
-
     # ---- reading -------------------------------------------------------------------------
-
-    def _array(self, name: str) -> np.ndarray:
-        if self._arrays is None:
-            self._arrays = {
-                key: np.load(self.path / info["file"], mmap_mode="r")
-                for key, info in self.meta["arrays"].items()
-            }
-        return self._arrays[name]
 
     def teacher_output(self, index: Tensor | Sequence[int]) -> TopKTokens:
         """The cached tokens of sequences ``index``, right-padded to the longest of them; on
         ``index``'s device when it is a tensor."""
-        device = index.device if isinstance(index, Tensor) else torch.device("cpu")
-        idx = index.detach().to("cpu").numpy() if isinstance(index, Tensor) else np.asarray(index)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(
-                f"TokenCache.teacher_output: index must hold integers, got dtype {idx.dtype}"
-            )
-        idx = idx.astype(np.int64).reshape(-1)
-        n = len(self)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            bad = int(idx[(idx < 0) | (idx >= n)][0])
-            raise IndexError(
-                f"TokenCache.teacher_output: sequence index {bad} out of range [0, {n}); the "
-                f"cache was built for a data set of {n} sequences"
-            )
+        idx, device = self._indices(index)
         offsets = self._array("offsets")
         starts, stops = offsets[idx], offsets[idx + 1]
         lengths = stops - starts
@@ -352,19 +319,8 @@ class TokenCache:
                 "tokenizer": tokenizer_id,
             },
         }
-        if (path / _META).is_file():
-            try:
-                if json.loads((path / _META).read_text()).get("settings") == settings:
-                    return cls.open(path, verify=True)
-            except (ValueError, OSError):
-                pass  # unreadable or corrupted: rebuild it below
-            else:
-                warnings.warn(
-                    f"TokenCache.build: replacing the cache at {path}, which was built with a "
-                    "different teacher, data set, tokenizer or settings (it stays readable "
-                    "until the new one is complete)",
-                    stacklevel=2,
-                )
+        if _reuse(path, settings, "TokenCache"):
+            return cls.open(path, verify=True)
         per_block = batch_size * checkpoint_every
         bounds = [int(offsets[s]) for s in range(0, n, per_block)] + [int(offsets[-1])]
         tmp = path.parent / f".{path.name}.partial"
