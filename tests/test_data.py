@@ -110,6 +110,25 @@ def test_indexed_dataset_contract():
         IndexedDataset(ds)
 
 
+def test_indexed_dataset_passes_per_token_labels_through():
+    # Token labels [L] (next-token ids, -100 at padding) must reach the cache path unchanged.
+    labels = torch.tensor([5, 7, -100])
+    base = [(torch.tensor([1, 5, 7]), labels), (torch.tensor([2, 3]), torch.tensor([3, 9]))]
+    ds = IndexedDataset(base)
+    x, y, i = ds[0]
+    assert torch.equal(y, labels) and i == 0
+    assert torch.equal(ds[1][1], torch.tensor([3, 9]))
+    arr = IndexedDataset([(torch.zeros(1), np.array([1, 2]))])[0][1]
+    assert isinstance(arr, np.ndarray) and arr.tolist() == [1, 2]
+    # Scalar labels still become ints (collated to int64), as before.
+    scalar = IndexedDataset([(torch.zeros(1), torch.tensor(4, dtype=torch.uint8))])[0][1]
+    assert type(scalar) is int and scalar == 4
+    # Hidden token labels become UNLABELED everywhere, keeping their shape.
+    hidden = IndexedDataset(base, hide_labels=torch.tensor([True, False]))
+    assert torch.equal(hidden[0][1], torch.full((3,), UNLABELED))
+    assert torch.equal(hidden[1][1], torch.tensor([3, 9]))
+
+
 def test_synthetic_is_deterministic_and_learnable():
     from sklearn.linear_model import LogisticRegression
 

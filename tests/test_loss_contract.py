@@ -237,6 +237,7 @@ DECLARED = {
     L.ReverseKLDivLoss: (False, True, True, True, True),
     L.GeneralizedJSDLoss: (False, True, True, True, True),
     L.MSELogitsLoss: (False, True, True, True, False),
+    L.SparseKLDivLoss: (False, True, True, True, True),
     L.HintonLoss: (True, True, True, True, True),
     L.DKDLoss: (True, True, True, True, True),
     L.DISTLoss: (False, True, True, False, True),

@@ -82,6 +82,8 @@ __all__ = [
     "rkd",
     "soft_cross_entropy",
     "tinybert_attention",
+    "sparse_kl_div",
+    "topk_at_temperature",
 ]
 
 Count = int | Tensor | None
@@ -1276,3 +1278,119 @@ def patient_kd(
         _check_same_shape(s, t, i, what)
         per_layer.append((F.normalize(s, dim=-1) - F.normalize(t, dim=-1)).pow(2).sum(dim=-1))
     return _layer_mean(per_layer, None, reduction, num_items_in_batch, what)
+
+
+# --------------------------------------------------------------------------------------------
+# sparse teacher targets: top-k log-probabilities + tail mass (a token cache's stored form)
+# --------------------------------------------------------------------------------------------
+
+
+def topk_at_temperature(
+    values: Tensor, log_tail: Tensor, vocab_size: int, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Re-temperature a top-k distribution stored at ``T = 1``: ``(values_T, log_tail_T)``.
+
+    ``values`` are the teacher's log-probabilities ``log p_i = z_i - log Z`` at its k kept
+    classes, ``log_tail = log m`` the log of the mass of the other ``V - k``. Then
+    ``values / T = z_i / T - log Z / T``: the kept logits are known up to one constant per
+    token, so the *ratios* of ``softmax(z / T)`` among the kept classes are exact at any T.
+    The normaliser needs ``R_T = sum_{j not kept} p_j^(1/T)``, which the stored form does not
+    have; it is estimated by spreading ``m`` evenly over the ``V - k`` other classes:
+    ``R_T ~ (V - k) * (m / (V - k))^(1/T)``. So
+
+    ``log p_i^T = values_i / T - log(sum_kept exp(values / T) + R_T)`` and
+    ``log_tail_T = log R_T - (the same log-normaliser)``.
+
+    Exact: everything at ``T = 1`` (returned unchanged), and every T when ``k = V``. Otherwise
+    approximate, through ``R_T`` only: for ``T > 1`` the even spread is the largest ``R_T``
+    given ``m`` (``x^(1/T)`` is concave), so the kept probabilities are slightly
+    under-estimated and the tail over-estimated; for ``T < 1`` the reverse.
+    """
+    if temperature == 1.0:
+        return values, log_tail
+    values = values.float() / temperature
+    k = values.shape[-1]
+    if k == vocab_size:
+        norm = values.logsumexp(dim=-1, keepdim=True)
+        return values - norm, torch.full_like(values[..., 0], float("-inf"))
+    spread = math.log(vocab_size - k)
+    log_rest = spread + (log_tail.float() - spread) / temperature
+    norm = torch.cat([values, log_rest.unsqueeze(-1)], dim=-1).logsumexp(dim=-1)
+    return values - norm.unsqueeze(-1), log_rest - norm
+
+
+def _check_topk_target(student_logits: Tensor, teacher: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``(values [..., k], indices [..., k], log_tail [...])`` checked against the student."""
+    if not isinstance(teacher, Sequence) or len(teacher) < 3:
+        raise TypeError(
+            "sparse_kl_div: the teacher must be (values, indices, log_tail) (e.g. a "
+            f"kdkit.cache.TopKTokens), got {type(teacher).__name__}"
+        )
+    values, indices, log_tail = teacher[0], teacher[1], teacher[2]
+    rows, vocab = tuple(student_logits.shape[:-1]), student_logits.shape[-1]
+    if (
+        values.shape != indices.shape
+        or tuple(values.shape[:-1]) != rows
+        or tuple(log_tail.shape) != rows
+    ):
+        raise ValueError(
+            f"sparse_kl_div: student logits {tuple(student_logits.shape)} need teacher values "
+            f"and indices [*{list(rows)}, k] and log_tail {list(rows)}; got values "
+            f"{tuple(values.shape)}, indices {tuple(indices.shape)}, log_tail "
+            f"{tuple(log_tail.shape)} (read the cache with the batch's indices, padded to the "
+            "batch's length)"
+        )
+    if values.shape[-1] > vocab:
+        raise ValueError(
+            f"sparse_kl_div: the teacher keeps k={values.shape[-1]} classes but the student has "
+            f"V={vocab}; the vocabularies differ"
+        )
+    return values, indices, log_tail
+
+
+def sparse_kl_div(
+    student_logits: Tensor,
+    teacher_topk: Sequence[Tensor],
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Forward KL against a sparse teacher: its top-k log-probabilities and tail mass, as stored
+    offline by DistillKit (arcee-ai, sparse top-k logit distillation) and
+    :class:`kdkit.cache.TokenCache`; Hinton, Vinyals & Dean 2015 for the ``T^2`` soft loss.
+
+    ``teacher_topk = (values, indices, log_tail)``: the teacher's log-probabilities ``log p_i``
+    at classes ``i in K`` (``[..., k]``) and ``log m_t``, the log of its mass outside K. With
+    ``q = softmax(z_s / T)`` and ``m_s = sum_{j not in K} q_j``:
+
+    ``loss = T^2 * mean_n [ sum_{i in K} p_i (log p_i - log q_i) + m_t (log m_t - log m_s) ]``,
+
+    the exact KL between teacher and student with the classes outside K merged into one
+    bucket (a lower bound of the full KL; equal to it when ``k = V``, where ``m_t = 0``). The
+    teacher is never densified; the student's ``log m_s`` is the logsumexp of its log-probs
+    outside K. At ``T != 1`` the teacher side comes from :func:`topk_at_temperature` (kept
+    ratios exact, normaliser approximate; see there). ``mask`` (bool ``[B, L]``, True = keep)
+    selects the tokens averaged over; dropped rows are zeroed first.
+    """
+    if validate_args:
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "sparse_kl_div")
+    values, indices, log_tail = _check_topk_target(student_logits, teacher_topk)
+    keep = _keep(mask, student_logits)
+    vocab, k = student_logits.shape[-1], values.shape[-1]
+    kept_log_tail = _drop(log_tail.float().unsqueeze(-1), keep)[..., 0]
+    log_p, log_m_t = topk_at_temperature(
+        _drop(values.float(), keep), kept_log_tail, vocab, temperature
+    )
+    index = _drop(indices, keep).long()
+    log_q = log_softmax(_drop(student_logits, keep), temperature)
+    log_q_kept = log_q.gather(-1, index)
+    if k < vocab:
+        log_m_s = log_q.scatter(-1, index, float("-inf")).logsumexp(dim=-1)
+        log_p = torch.cat([log_p, log_m_t.unsqueeze(-1)], dim=-1)
+        log_q_kept = torch.cat([log_q_kept, log_m_s.unsqueeze(-1)], dim=-1)
+    rows = temperature**2 * _kl_rows(log_p, log_q_kept)
+    return reduce(rows, keep, reduction, num_items_in_batch)

@@ -56,6 +56,7 @@ __all__ = [
     "RKDLoss",
     "ReverseKLDivLoss",
     "TinyBERTAttentionLoss",
+    "SparseKLDivLoss",
 ]
 
 HiddenStates = Tensor | Sequence[Tensor]
@@ -224,6 +225,22 @@ class MSELogitsLoss(_TokenLogitLoss):
     """
 
     formula = staticmethod(KF.mse_logits)
+
+
+class SparseKLDivLoss(_KLFamilyLoss):
+    """``T^2 * KL(p_t || p_s)`` against a sparse teacher — its top-k log-probabilities and tail
+    mass, as stored offline (DistillKit's sparse top-k distillation; Hinton, Vinyals & Dean
+    2015 for the soft loss):
+
+    ``sum_{i in K} p_i (log p_i - log q_i) + m_t (log m_t - log m_s)`` per token, ``m`` the mass
+    outside the teacher's top-k K (exact KL when ``k = V``). Call it as
+    ``loss(student_logits, (values, indices, log_tail), target=labels, mask=...)``, e.g. with
+    :meth:`kdkit.cache.TokenCache.teacher_output`; ``mask`` or, with ``ignore_index`` set,
+    ``target != ignore_index`` selects the tokens. See :func:`kdkit.functional.sparse_kl_div`
+    (and :func:`kdkit.functional.topk_at_temperature` for what is exact at ``T != 1``).
+    """
+
+    formula = staticmethod(KF.sparse_kl_div)
 
 
 class CrossEntropyLoss(DistillationLoss):

@@ -24,19 +24,27 @@ A cache is only valid for the teacher weights, the data and the transform it was
 ``meta.json`` holds a fingerprint of each, and :meth:`TeacherCache.open` refuses a mismatch and
 names which part differs. With random augmentation the cache only works through
 :class:`SeededViews`, which replays the exact view the teacher saw.
+
+:class:`TokenCache` is the language-model form: per token, the teacher's top-k log-probabilities
+and tail mass over variable-length sequences, stored flat without padding (see
+:mod:`kdkit.cache.tokens`).
 """
 
 from kdkit.cache.fingerprint import fingerprint_dataset, fingerprint_teacher
 from kdkit.cache.store import FORMAT_VERSION, TeacherCache
-from kdkit.cache.topk import topk_compress, topk_reconstruct
+from kdkit.cache.tokens import TokenCache, TopKTokens
+from kdkit.cache.topk import topk_compress, topk_log_compress, topk_reconstruct
 from kdkit.cache.views import SeededViews
 
 __all__ = [
     "FORMAT_VERSION",
     "SeededViews",
     "TeacherCache",
+    "TokenCache",
+    "TopKTokens",
     "fingerprint_dataset",
     "fingerprint_teacher",
     "topk_compress",
+    "topk_log_compress",
     "topk_reconstruct",
 ]

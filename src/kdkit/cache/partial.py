@@ -1,11 +1,13 @@
 """An unfinished cache build on disk, and what a resumed build may trust of it.
 
 The build writes rows (one per sample and view) into the final arrays in ``.<name>.partial/``
-in blocks of ``block_rows`` samples of one view. When a block is complete its rows are flushed
-and the sha256 of each array's rows is recorded in ``meta.json.partial`` (written atomically),
-so a crash at any point leaves only recorded blocks that were fully on disk. A resumed build
-re-hashes every recorded block and keeps only those that match: a truncated, zeroed or altered
-block, and any block without a recorded checksum, is computed again.
+in blocks of ``block_rows`` samples of one view (or in blocks with explicit row bounds: the
+token cache's rows are tokens, its blocks whole groups of sequences). When a block is complete
+its rows are flushed and the sha256 of each array's rows is recorded in ``meta.json.partial``
+(written atomically), so a crash at any point leaves only recorded blocks that were fully on
+disk. A resumed build re-hashes every recorded block and keeps only those that match: a
+truncated, zeroed or altered block, and any block without a recorded checksum, is computed
+again.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import warnings
+from bisect import bisect_right
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +39,33 @@ _ARRAY_KEYS = {"file", "dtype", "shape", "bytes"}
 class PartialBuild:
     """The arrays of a build in progress and the checksum of each completed block.
 
-    ``blocks[view][j]`` is ``{array name: sha256}`` of rows ``[j * block_rows, ...)`` of ``view``,
-    or None while that block is not (trustably) written.
+    ``blocks[view][j]`` is ``{array name: sha256}`` of rows ``block_range(j)`` of ``view``, or
+    None while that block is not (trustably) written. Blocks are ``block_rows`` rows each out of
+    ``settings["num_samples"]``, unless ``bounds`` (the first row of each block, then the number
+    of rows) sets them. ``who`` names the cache and ``unit`` its rows in messages.
     """
 
-    def __init__(self, tmp: Path, settings: dict, block_rows: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        settings: dict,
+        block_rows: int,
+        bounds: Sequence[int] | None = None,
+        who: str = "TeacherCache",
+        unit: str = "sample",
+    ) -> None:
         self.tmp = tmp
         self.settings = settings
         self.block_rows = block_rows
-        self.num_samples = int(settings["num_samples"])
-        num_blocks = math.ceil(self.num_samples / block_rows)
+        self.who = who
+        self.unit = unit
+        if bounds is None:
+            n = int(settings["num_samples"])
+            bounds = [*range(0, n, block_rows), n] if n else [0]
+        self.bounds = list(bounds)
+        self.num_samples = self.bounds[-1]
         self.blocks: list[list[Checksums | None]] = [
-            [None] * num_blocks for _ in range(settings["num_views"])
+            [None] * (len(self.bounds) - 1) for _ in range(settings["num_views"])
         ]
         self.meta: dict = {}
         self.arrays: dict[str, np.memmap] = {}
@@ -55,8 +73,7 @@ class PartialBuild:
     # ---- layout ----------------------------------------------------------------------------
 
     def block_range(self, j: int) -> tuple[int, int]:
-        start = j * self.block_rows
-        return start, min(start + self.block_rows, self.num_samples)
+        return self.bounds[j], self.bounds[j + 1]
 
     @property
     def rows_done(self) -> int:
@@ -104,7 +121,7 @@ class PartialBuild:
             arr = self.arrays[name]
             if value.shape[1:] != arr.shape[2:] or value.dtype != arr.dtype:
                 raise ValueError(
-                    f"TeacherCache.build: output {name!r} has per-sample shape "
+                    f"{self.who}.build: output {name!r} has per-sample shape "
                     f"{list(value.shape[1:])} at sample {pos}, but {list(arr.shape[2:])} "
                     "earlier; the cache needs a fixed shape per sample (pad variable-length "
                     "inputs to one length)"
@@ -143,8 +160,19 @@ class PartialBuild:
     # ---- resuming ----------------------------------------------------------------------------
 
     @classmethod
-    def resume_or_start(cls, tmp: Path, settings: dict, block_rows: int) -> PartialBuild:
+    def resume_or_start(
+        cls,
+        tmp: Path,
+        settings: dict,
+        block_rows: int,
+        bounds: Sequence[int] | None = None,
+        who: str = "TeacherCache",
+        unit: str = "sample",
+    ) -> PartialBuild:
         """The unfinished build in ``tmp`` with its verified blocks, or a fresh one.
+
+        ``bounds``, ``who`` and ``unit`` as in :class:`PartialBuild`; they must follow from
+        ``settings``.
 
         A build started with other settings, or whose progress record cannot be read, is
         discarded (with a warning); a recorded block whose rows no longer match its checksum is
@@ -154,15 +182,15 @@ class PartialBuild:
         build = None
         if state is not None and "settings" in state and state["settings"] != settings:
             warnings.warn(
-                f"TeacherCache.build: discarding the unfinished build in {tmp}: it was "
+                f"{who}.build: discarding the unfinished build in {tmp}: it was "
                 "started with a different teacher, dataset, transform or settings",
                 stacklevel=3,
             )
         elif state is not None:
-            build = cls._from_state(tmp, settings, state)
+            build = cls._from_state(tmp, settings, state, bounds, who, unit)
             if build is None:
                 warnings.warn(
-                    f"TeacherCache.build: discarding the unfinished build in {tmp}: its "
+                    f"{who}.build: discarding the unfinished build in {tmp}: its "
                     f"progress record {PARTIAL_META} is unreadable (corrupted or written by "
                     "another kdkit version)",
                     stacklevel=3,
@@ -171,15 +199,23 @@ class PartialBuild:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
-            build = cls(tmp, settings, block_rows)
+            build = cls(tmp, settings, block_rows, bounds, who, unit)
         return build
 
     @classmethod
-    def _from_state(cls, tmp: Path, settings: dict, state: dict) -> PartialBuild | None:
+    def _from_state(
+        cls,
+        tmp: Path,
+        settings: dict,
+        state: dict,
+        bounds: Sequence[int] | None,
+        who: str,
+        unit: str,
+    ) -> PartialBuild | None:
         block_rows, blocks = state.get("block_rows"), state.get("blocks")
         if not isinstance(block_rows, int) or block_rows < 1 or not isinstance(blocks, list):
             return None
-        build = cls(tmp, settings, block_rows)
+        build = cls(tmp, settings, block_rows, bounds, who, unit)
         if [len(b) if isinstance(b, list) else -1 for b in blocks] != [
             len(b) for b in build.blocks
         ]:
@@ -224,13 +260,14 @@ class PartialBuild:
         total = self.num_samples * len(self.blocks)
         todo = [(view, runs[0][0]) for view in range(len(self.blocks)) if (runs := self.todo(view))]
         where = (
-            f"continuing at view {todo[0][0]}, sample {todo[0][1]} (block "
-            f"{todo[0][1] // self.block_rows}; blocks of {self.block_rows} samples)"
+            f"continuing at view {todo[0][0]}, {self.unit} {todo[0][1]} (block "
+            f"{bisect_right(self.bounds, todo[0][1]) - 1} of {len(self.bounds) - 1})"
             if todo
             else "every block is done; finishing"
         )
         logger.info(
-            "TeacherCache.build: resuming the unfinished build in %s: %d of %d rows verified; %s",
+            "%s.build: resuming the unfinished build in %s: %d of %d rows verified; %s",
+            self.who,
             self.tmp,
             self.rows_done,
             total,
@@ -238,13 +275,14 @@ class PartialBuild:
         )
         if failed:
             spans = ", ".join(
-                f"view {view} samples {start}..{stop - 1}"
+                f"view {view} {self.unit}s {start}..{stop - 1}"
                 for view, j in failed
                 for start, stop in [self.block_range(j)]
             )
             logger.warning(
-                "TeacherCache.build: %d block(s) failed verification (truncated or corrupted "
+                "%s.build: %d block(s) failed verification (truncated or corrupted "
                 "since they were written) and are re-computed: %s",
+                self.who,
                 len(failed),
                 spans,
             )

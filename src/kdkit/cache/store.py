@@ -111,7 +111,134 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old_dir)
 
 
-class TeacherCache:
+def _load_meta(
+    path: Path, who: str, required: Sequence[str], format_version: int, hint: str
+) -> dict:
+    """``path/meta.json`` of a finished cache, checked; errors say what is wrong and ``hint``."""
+    meta_path = path / _META
+    if not meta_path.is_file():
+        partial = path.parent / f".{path.name}.partial" / PARTIAL_META
+        if partial.is_file():
+            done = json.loads(partial.read_text()).get("rows_done", 0)
+            raise FileNotFoundError(
+                f"{who}: {path} is not finished (the build stopped after {done} "
+                f"rows); call {who}.build again with the same arguments to resume it"
+            )
+        raise FileNotFoundError(f"{who}: no cache at {path} ({meta_path} missing); {hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{who}: {meta_path} is corrupted ({exc}); {hint}") from exc
+    missing = [k for k in required if k not in meta] if isinstance(meta, dict) else list(required)
+    if missing or not isinstance(meta.get("arrays"), dict):
+        raise ValueError(
+            f"{who}: {meta_path} is corrupted (not a kdkit cache description; missing "
+            f"{missing or ['arrays']}); {hint}"
+        )
+    if meta.get("format_version") != format_version:
+        raise ValueError(
+            f"{who}: {meta_path} has format_version {meta.get('format_version')!r}, "
+            f"this kdkit reads {format_version}; {hint}"
+        )
+    return meta
+
+
+def _verify_arrays(path: Path, arrays: dict, who: str, hint: str, checksums: bool) -> None:
+    """Each array file of ``arrays`` (meta.json's) exists, has its size and (optionally) sha256."""
+    for info in arrays.values():
+        file = path / info["file"]
+        if not file.is_file():
+            raise ValueError(f"{who}: array file {file} is missing; {hint}")
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise ValueError(
+                f"{who}: array file {file} has {size} bytes, meta.json records "
+                f"{info['bytes']} (truncated or overwritten); {hint}"
+            )
+        if checksums and not _checksum_matches(file, info["sha256"]):
+            raise ValueError(
+                f"{who}: array file {file} fails its sha256 checksum (corrupted); {hint}"
+            )
+
+
+def _finish_build(tmp: Path, path: Path, meta: dict) -> None:
+    """Record each array's size and sha256 in ``meta``, write it, and rename ``tmp`` to
+    ``path`` (replacing what is there)."""
+    for info in meta["arrays"].values():
+        file = tmp / info["file"]
+        info["bytes"] = file.stat().st_size
+        info["sha256"] = _sha256_file(file)
+    _write_json_atomic(tmp / _META, meta)
+    (tmp / PARTIAL_META).unlink(missing_ok=True)
+    _replace_dir(tmp, path)
+
+
+class _MappedCache:
+    """A finished cache directory: its ``meta.json`` and its arrays, memory-mapped lazily (and
+    reopened in each process: DataLoader workers, DDP ranks)."""
+
+    _who = "TeacherCache"
+    _unit = "sample"
+
+    def __init__(self, path: str | os.PathLike, meta: dict) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self._arrays: dict[str, np.ndarray] | None = None
+
+    @property
+    def fingerprint(self) -> dict:
+        return dict(self.meta["fingerprint"])
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "meta": self.meta, "_arrays": None}
+
+    def _array(self, name: str) -> np.ndarray:
+        if self._arrays is None:
+            self._arrays = {
+                key: np.load(self.path / info["file"], mmap_mode="r")
+                for key, info in self.meta["arrays"].items()
+            }
+        return self._arrays[name]
+
+    def _indices(self, index: Tensor | Sequence[int]) -> tuple[np.ndarray, torch.device]:
+        """``index`` as int64 ``[B]`` checked against ``len(self)``, and the device to return on
+        (``index``'s when it is a tensor)."""
+        device = index.device if isinstance(index, Tensor) else torch.device("cpu")
+        idx = index.detach().to("cpu").numpy() if isinstance(index, Tensor) else np.asarray(index)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(
+                f"{self._who}.teacher_output: index must hold integers, got dtype {idx.dtype}"
+            )
+        idx = idx.astype(np.int64).reshape(-1)
+        n = len(self)  # type: ignore[arg-type]
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            bad = int(idx[(idx < 0) | (idx >= n)][0])
+            raise IndexError(
+                f"{self._who}.teacher_output: {self._unit} index {bad} out of range [0, {n}); "
+                f"the cache was built for a dataset of {n} {self._unit}s"
+            )
+        return idx, device
+
+
+def _reuse(path: Path, settings: dict, who: str) -> bool:
+    """Whether the finished cache at ``path`` was built with ``settings`` (then it is opened,
+    not rebuilt); warns when a cache built otherwise is about to be replaced."""
+    if not (path / _META).is_file():
+        return False
+    try:
+        if json.loads((path / _META).read_text()).get("settings") == settings:
+            return True
+    except (ValueError, OSError):
+        return False  # unreadable or corrupted: rebuilt
+    warnings.warn(
+        f"{who}.build: replacing the cache at {path}, which was built with a different "
+        "teacher, data or settings (it stays readable until the new one is complete)",
+        stacklevel=3,
+    )
+    return False
+
+
+class TeacherCache(_MappedCache):
     """Teacher outputs for every sample (and every augmented view), read back by sample index.
 
     Build once with :meth:`build`, reopen with :meth:`open`; then in the training loop::
@@ -123,11 +250,6 @@ class TeacherCache:
     ``K * (k * (2 + 2 or 4) + 4)`` bytes per sample for fp16 values, int16/int32 indices and a
     float32 tail.
     """
-
-    def __init__(self, path: str | os.PathLike, meta: dict) -> None:
-        self.path = Path(path)
-        self.meta = meta
-        self._arrays: dict[str, np.ndarray] | None = None
 
     # ---- public properties ---------------------------------------------------------------
 
@@ -161,10 +283,6 @@ class TeacherCache:
         return list(self.meta["features"])
 
     @property
-    def fingerprint(self) -> dict:
-        return dict(self.meta["fingerprint"])
-
-    @property
     def bytes_per_sample(self) -> int:
         total = 0
         for info in self.meta["arrays"].values():
@@ -180,23 +298,11 @@ class TeacherCache:
             f"bytes_per_sample={self.bytes_per_sample})"
         )
 
-    def __getstate__(self) -> dict:
-        # memmaps are reopened lazily in each process (DataLoader workers, DDP ranks).
-        return {"path": self.path, "meta": self.meta, "_arrays": None}
-
     def seeded_views(self, dataset: Dataset, transform: Callable[[Any], Any] | None) -> SeededViews:
         """The training-side :class:`SeededViews` with this cache's seed and number of views."""
         return SeededViews(dataset, transform, seed=self.seed, num_views=self.num_views)
 
     # ---- reading -------------------------------------------------------------------------
-
-    def _array(self, name: str) -> np.ndarray:
-        if self._arrays is None:
-            self._arrays = {
-                key: np.load(self.path / info["file"], mmap_mode="r")
-                for key, info in self.meta["arrays"].items()
-            }
-        return self._arrays[name]
 
     def _view_of(self, epoch: int | None) -> int:
         if epoch is None:
@@ -214,20 +320,7 @@ class TeacherCache:
         Returns ``{"logits": float32 [B, *S]}`` plus ``"features": {path: float32 tensor}`` when
         features were cached; tensors are on ``index``'s device when it is a tensor.
         """
-        device = index.device if isinstance(index, Tensor) else torch.device("cpu")
-        idx = index.detach().to("cpu").numpy() if isinstance(index, Tensor) else np.asarray(index)
-        if idx.dtype.kind not in "iu":
-            raise TypeError(
-                f"TeacherCache.teacher_output: index must hold integers, got dtype {idx.dtype}"
-            )
-        idx = idx.astype(np.int64).reshape(-1)
-        n = len(self)
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            bad = int(idx[(idx < 0) | (idx >= n)][0])
-            raise IndexError(
-                f"TeacherCache.teacher_output: sample index {bad} out of range [0, {n}); the "
-                f"cache was built for a dataset of {n} samples"
-            )
+        idx, device = self._indices(index)
         view = self._view_of(epoch)
 
         def rows(name: str) -> Tensor:
@@ -269,58 +362,11 @@ class TeacherCache:
         (teacher weights / dataset / transform).
         """
         path = Path(path)
-        meta_path = path / _META
-        if not meta_path.is_file():
-            partial = path.parent / f".{path.name}.partial" / PARTIAL_META
-            if partial.is_file():
-                done = json.loads(partial.read_text()).get("rows_done", 0)
-                raise FileNotFoundError(
-                    f"TeacherCache: {path} is not finished (the build stopped after {done} "
-                    "rows); call TeacherCache.build again with the same arguments to resume it"
-                )
-            raise FileNotFoundError(
-                f"TeacherCache: no cache at {path} ({meta_path} missing); {_REBUILD_HINT}"
-            )
-        try:
-            meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"TeacherCache: {meta_path} is corrupted ({exc}); {_REBUILD_HINT}"
-            ) from exc
-        missing = (
-            [k for k in _META_KEYS if k not in meta] if isinstance(meta, dict) else list(_META_KEYS)
-        )
-        if missing or not isinstance(meta.get("arrays"), dict):
-            raise ValueError(
-                f"TeacherCache: {meta_path} is corrupted (not a kdkit cache description; missing "
-                f"{missing or ['arrays']}); {_REBUILD_HINT}"
-            )
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"TeacherCache: {meta_path} has format_version {meta.get('format_version')!r}, "
-                f"this kdkit reads {FORMAT_VERSION}; {_REBUILD_HINT}"
-            )
+        meta = _load_meta(path, "TeacherCache", _META_KEYS, FORMAT_VERSION, _REBUILD_HINT)
         cache = cls(path, meta)
-        cache._verify_files(checksums=verify)
+        _verify_arrays(path, meta["arrays"], "TeacherCache", _REBUILD_HINT, checksums=verify)
         cache.check(teacher=teacher, dataset=dataset, transform_id=transform_id)
         return cache
-
-    def _verify_files(self, checksums: bool) -> None:
-        for info in self.meta["arrays"].values():
-            file = self.path / info["file"]
-            if not file.is_file():
-                raise ValueError(f"TeacherCache: array file {file} is missing; {_REBUILD_HINT}")
-            size = file.stat().st_size
-            if size != info["bytes"]:
-                raise ValueError(
-                    f"TeacherCache: array file {file} has {size} bytes, meta.json records "
-                    f"{info['bytes']} (truncated or overwritten); {_REBUILD_HINT}"
-                )
-            if checksums and not _checksum_matches(file, info["sha256"]):
-                raise ValueError(
-                    f"TeacherCache: array file {file} fails its sha256 checksum (corrupted); "
-                    f"{_REBUILD_HINT}"
-                )
 
     def check(
         self,
@@ -452,20 +498,8 @@ class TeacherCache:
             "fingerprint": fingerprint,
         }
 
-        if (path / _META).is_file():
-            try:
-                old = json.loads((path / _META).read_text())
-                if old.get("settings") == settings:
-                    return cls.open(path, verify=True)
-            except (ValueError, OSError):
-                pass  # unreadable or corrupted: rebuild it below
-            else:
-                warnings.warn(
-                    f"TeacherCache.build: replacing the cache at {path}, which was built with a "
-                    "different teacher, dataset, transform or settings (it stays readable until "
-                    "the new one is complete)",
-                    stacklevel=2,
-                )
+        if _reuse(path, settings, "TeacherCache"):
+            return cls.open(path, verify=True)
 
         tmp = path.parent / f".{path.name}.partial"
         build = PartialBuild.resume_or_start(tmp, settings, batch_size * checkpoint_every)
@@ -499,13 +533,7 @@ class TeacherCache:
         meta["transform_identity"] = _transform_identity(dataset, transform_id)
         meta["seeded_views"] = _find_seeded_views(dataset) is not None
         meta["dataset_name"] = _dataset_name(dataset)
-        for info in meta["arrays"].values():
-            file = tmp / info["file"]
-            info["bytes"] = file.stat().st_size
-            info["sha256"] = _sha256_file(file)
-        _write_json_atomic(tmp / _META, meta)
-        (tmp / PARTIAL_META).unlink(missing_ok=True)
-        _replace_dir(tmp, path)
+        _finish_build(tmp, path, meta)
         logger.info("TeacherCache.build: wrote %s (%d samples x %d views)", path, n, epochs)
         return cls.open(path, verify=False)
 

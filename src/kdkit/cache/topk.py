@@ -6,25 +6,35 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["topk_compress", "topk_reconstruct"]
+__all__ = ["topk_compress", "topk_log_compress", "topk_reconstruct"]
 
 
 def _index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16) if num_classes <= np.iinfo(np.int16).max else np.dtype(np.int32)
 
 
-def topk_compress(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k log-probabilities, their class indices and the tail mass, over the last dim.
+def topk_log_compress(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k log-probabilities, their class indices and the log of the tail mass (last dim).
 
     ``logp = log_softmax(z)``; ``values, index = topk(logp, k)``;
-    ``tail = sum_{c not in top-k} p_c`` (computed as exp(logsumexp) of the rest, which keeps
-    its precision when the tail is tiny, instead of 1 - sum(top-k probs)). tail = 0 when k = C.
+    ``log_tail = log sum_{c not in top-k} p_c``, the logsumexp of the rest (precise when the
+    tail is tiny, unlike log(1 - sum of the top-k probs)); ``-inf`` when k = C.
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     values, index = logp.topk(k, dim=-1)
-    rest = logp.scatter(-1, index, float("-inf"))
-    tail = rest.logsumexp(dim=-1).exp() if k < logits.shape[-1] else torch.zeros_like(logp[..., 0])
-    return values, index, tail
+    if k == logits.shape[-1]:
+        return values, index, torch.full_like(logp[..., 0], float("-inf"))
+    return values, index, logp.scatter(-1, index, float("-inf")).logsumexp(dim=-1)
+
+
+def topk_compress(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k log-probabilities, their class indices and the tail mass, over the last dim.
+
+    As :func:`topk_log_compress`, with ``tail = sum_{c not in top-k} p_c`` (exp of its
+    ``log_tail``; 0 when k = C).
+    """
+    values, index, log_tail = topk_log_compress(logits, k)
+    return values, index, log_tail.exp()
 
 
 def topk_reconstruct(values: Tensor, index: Tensor, tail: Tensor, num_classes: int) -> Tensor:
