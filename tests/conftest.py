@@ -8,6 +8,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 
+@pytest.fixture(autouse=True)
+def _user_cache_in_tmp(tmp_path_factory, monkeypatch) -> None:
+    """Tests never write kdkit's user cache (trained tokenizers) into the real home folder."""
+    monkeypatch.setenv("KDKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kdkit-cache"))
+
+
 @pytest.fixture(scope="session")
 def digits() -> dict[str, torch.Tensor]:
     """Flattened digits in [0, 1], split 1200 train / 597 test with a fixed permutation."""
