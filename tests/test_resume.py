@@ -1,0 +1,213 @@
+"""Resume continues the right run (fingerprint, run folder) and reproduces it exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdkit
+from kdkit.cli import main
+from kdkit.pipeline.checkpoint import build_from_spec, load_model_file, model_spec, save_model
+
+SRC = str(Path(kdkit.__file__).resolve().parents[1])
+QUICK = [
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "progress_bar=none",
+    "evaluate.latency=false",
+]
+
+
+def make_teacher(path: Path, seed: int = 0) -> str:
+    """An untrained small_cnn teacher file: distillation from it is as deterministic as any."""
+    torch.manual_seed(seed)
+    spec = model_spec("small_cnn", {"width": 8}, 10, (1, 8, 8), "teacher")
+    save_model(path, build_from_spec(spec), spec)
+    return f"teacher.checkpoint={path}"
+
+
+def kdkit_process(cwd: Path, *argv: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": SRC, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kdkit.cli", *argv],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def kill_after_epoch(proc: subprocess.Popen[str], checkpoints: Path, epoch: int) -> None:
+    """SIGKILL ``proc`` as soon as the checkpoint of ``epoch`` (0-based) or later appears."""
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            names = [p.name for p in checkpoints.glob("epoch*.ckpt")]
+            if any(int(n[5:8]) >= epoch for n in names):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_kill_9_then_resume_ends_bitwise_where_the_uninterrupted_run_ends(tmp_path: Path) -> None:
+    epochs = 7
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    args = [
+        "distill",
+        teacher,
+        f"trainer.max_epochs={epochs}",
+        "trainer.limit_val_batches=2",
+        "data.augment=true",  # random shifts: the global torch RNG
+        "distill.mixup_alpha=0.2",  # Beta draws and permutations: the global torch RNG
+        "threads=1",
+        "progress_bar=none",
+        "evaluate.latency=false",
+    ]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    uninterrupted = kdkit_process(tmp_path, *args, f"hydra.run.dir={whole}")
+    killed = kdkit_process(tmp_path, *args, f"hydra.run.dir={cut}")
+    kill_after_epoch(killed, cut / "distilled/checkpoints", epoch=2)
+    finish(uninterrupted)
+    last = cut / "distilled/checkpoints/last.ckpt"
+    stopped = torch.load(last, weights_only=True)["epoch"]
+    assert 1 <= stopped < epochs - 1, stopped
+    assert not (cut / "distilled/model.pt").exists()
+
+    out = finish(kdkit_process(tmp_path, *args, f"hydra.run.dir={cut}", "ckpt_path=last"))
+    shown = last.relative_to(tmp_path)  # paths below the working directory are shown relative
+    assert f"resuming from {shown} (epoch {stopped + 1})" in out
+
+    a = load_model_file(whole / "distilled/model.pt")["state_dict"]
+    b = load_model_file(cut / "distilled/model.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    metrics_a = json.loads((whole / "distilled/metrics.json").read_text())
+    metrics_b = json.loads((cut / "distilled/metrics.json").read_text())
+    assert metrics_a == metrics_b
+    # the curves cover the whole run, epoch 0 included
+    assert [e for e, _ in metrics_b["curves"]["val/acc"]] == list(range(epochs))
+    csv_a = (whole / "logs/csv/distilled/metrics.csv").read_text()
+    assert (cut / "logs/csv/distilled/metrics.csv").read_text() == csv_a
+
+
+# ---- the run a checkpoint belongs to ------------------------------------------------------------
+
+
+def _err(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out + captured.err
+
+
+@pytest.fixture
+def first_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """A finished 1-epoch `kdkit distill` in runs/digits/a (cwd: tmp_path)."""
+    monkeypatch.chdir(tmp_path)
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    main(["distill", teacher, "trainer.max_epochs=1", *QUICK, "hydra.run.dir=runs/digits/a"])
+    return teacher, Path("runs/digits/a/distilled/checkpoints/last.ckpt")
+
+
+def test_resume_with_another_seed_teacher_or_data_names_what_differs(
+    first_run: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher, ckpt = first_run
+    other_teacher = make_teacher(tmp_path / "other.pt", seed=1)
+    run = "hydra.run.dir=runs/digits/a"
+    common = ["trainer.max_epochs=2", *QUICK, run, "ckpt_path=last"]
+    capsys.readouterr()
+
+    code, out = _err(capsys, "distill", teacher, "seed=1", *common)
+    assert code == 2 and str(ckpt) in out
+    assert "seed: 0 in the checkpoint, 1 in this run" in out
+    assert "start afresh" in out and "drop ckpt_path" in out
+
+    code, out = _err(capsys, "distill", other_teacher, *common)
+    assert code == 2 and "teacher: other weights" in out and "seed" not in out
+
+    code, out = _err(
+        capsys, "distill", teacher, "data.augment=true", "distill.temperature=2", *common
+    )
+    assert code == 2
+    assert "data.augment: False in the checkpoint, True in this run" in out
+    assert "distill.temperature: 4.0 in the checkpoint, 2 in this run" in out
+
+    # an explicit file is checked just the same
+    code, out = _err(capsys, "distill", teacher, "seed=1", *common[:-1], f"ckpt_path={ckpt}")
+    assert code == 2 and "seed: 0 in the checkpoint, 1 in this run" in out
+
+    # the same run: resumed (a longer budget is the same run, trained further)
+    main(["distill", teacher, *common])
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+
+
+def test_ckpt_path_last_never_takes_another_folders_checkpoint(
+    first_run: tuple[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher, ckpt = first_run
+    capsys.readouterr()
+    # identical settings, but another run folder: its checkpoint is named, not taken
+    code, out = _err(
+        capsys,
+        "distill",
+        teacher,
+        "trainer.max_epochs=2",
+        *QUICK,
+        "hydra.run.dir=runs/digits/b",
+        "ckpt_path=last",
+    )
+    assert code == 2
+    assert "no distilled/checkpoints/last.ckpt in this run folder runs/digits/b" in out
+    assert "hydra.run.dir=runs/digits/a" in out
+    assert not Path("runs/digits/b/distilled/checkpoints").exists()
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
+
+
+def test_ctrl_c_names_the_run_folder_in_the_resume_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kdkit.lightning import DistillationModule
+
+    monkeypatch.chdir(tmp_path)
+    original = DistillationModule.training_step
+    calls = {"n": 0}
+
+    def ctrl_c(self, batch, batch_idx):  # noqa: ANN001
+        calls["n"] += 1
+        if calls["n"] == 5:  # second epoch: the first one is checkpointed
+            raise KeyboardInterrupt
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(DistillationModule, "training_step", ctrl_c)
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    code, out = _err(capsys, "distill", teacher, "trainer.max_epochs=2", *QUICK)
+    assert code == 130
+    (run_dir,) = Path("runs/digits").iterdir()  # no hydra.run.dir given: the timestamped one
+    assert f"hydra.run.dir={Path.cwd() / run_dir} ckpt_path=last" in out
+    monkeypatch.setattr(DistillationModule, "training_step", original)
+    command = out.split("resume with: kdkit ", 1)[1].split("\n", 1)[0].split()
+    main(command)  # the printed command, as printed, resumes that run
+    assert torch.load(run_dir / "distilled/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
+    assert (run_dir / "distilled/model.pt").is_file()
