@@ -70,7 +70,7 @@ def kill_after_epoch(proc: subprocess.Popen[str], checkpoints: Path, epoch: int)
 
 
 def test_kill_9_then_resume_ends_bitwise_where_the_uninterrupted_run_ends(tmp_path: Path) -> None:
-    epochs = 7
+    epochs = 5
     teacher = make_teacher(tmp_path / "teacher.pt")
     args = [
         "distill",
@@ -211,3 +211,39 @@ def test_ctrl_c_names_the_run_folder_in_the_resume_command(
     main(command)  # the printed command, as printed, resumes that run
     assert torch.load(run_dir / "distilled/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
     assert (run_dir / "distilled/model.pt").is_file()
+
+
+# ---- the sample order -----------------------------------------------------------------------
+
+
+def _order(loader) -> list[int]:  # noqa: ANN001
+    return [int(i) for batch in loader for i in batch[2]]
+
+
+def test_the_order_of_an_epoch_depends_only_on_seed_and_epoch() -> None:
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled
+
+    from kdkit.data import KDDataModule
+
+    running = KDDataModule(seed=3).train_dataloader()
+    orders = []
+    for epoch in range(4):
+        running.sampler.set_epoch(epoch)
+        orders.append(_order(running))
+    assert len({tuple(o) for o in orders}) == 4  # a new order every epoch
+    assert sorted(orders[0]) == list(range(1077))
+    # a fresh loader (a resumed run) at epoch 3 serves exactly what the running one served
+    fresh = KDDataModule(seed=3).train_dataloader()
+    fresh.sampler.set_epoch(3)
+    assert _order(fresh) == orders[3]
+    other = KDDataModule(seed=4).train_dataloader()
+    other.sampler.set_epoch(2)  # seed 4 epoch 2 is not seed 3 epoch 3 (seeds are mixed)
+    assert _order(other) not in orders
+    assert _is_dataloader_shuffled(fresh)  # Lightning (and DDP's sampler) see a shuffle
+
+
+def test_a_negative_data_seed_is_refused() -> None:
+    from kdkit.data import KDDataModule
+
+    with pytest.raises(ValueError, match=r"seed must be an int >= 0 .* got -1"):
+        KDDataModule(seed=-1)
