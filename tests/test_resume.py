@@ -185,34 +185,6 @@ def test_ckpt_path_last_never_takes_another_folders_checkpoint(
     assert torch.load(ckpt, weights_only=True)["epoch"] == 0
 
 
-def test_ctrl_c_names_the_run_folder_in_the_resume_command(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    from kdkit.lightning import DistillationModule
-
-    monkeypatch.chdir(tmp_path)
-    original = DistillationModule.training_step
-    calls = {"n": 0}
-
-    def ctrl_c(self, batch, batch_idx):  # noqa: ANN001
-        calls["n"] += 1
-        if calls["n"] == 5:  # second epoch: the first one is checkpointed
-            raise KeyboardInterrupt
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(DistillationModule, "training_step", ctrl_c)
-    teacher = make_teacher(tmp_path / "teacher.pt")
-    code, out = _err(capsys, "distill", teacher, "trainer.max_epochs=2", *QUICK)
-    assert code == 130
-    (run_dir,) = Path("runs/digits").iterdir()  # no hydra.run.dir given: the timestamped one
-    assert f"hydra.run.dir={Path.cwd() / run_dir} ckpt_path=last" in out
-    monkeypatch.setattr(DistillationModule, "training_step", original)
-    command = out.split("resume with: kdkit ", 1)[1].split("\n", 1)[0].split()
-    main(command)  # the printed command, as printed, resumes that run
-    assert torch.load(run_dir / "distilled/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
-    assert (run_dir / "distilled/model.pt").is_file()
-
-
 # ---- the sample order -----------------------------------------------------------------------
 
 

@@ -175,7 +175,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     import torch
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ValueError("it cannot be read (truncated or not a torch file)") from exc
     if not isinstance(data, Mapping) or "kdkit_model" not in data:
@@ -238,7 +238,8 @@ def _shown(path: Path) -> str:
 
 FRESH = (
     "To start afresh, drop ckpt_path (and hydra.run.dir, so that a new run folder is made); "
-    "to resume that run, use the settings it was started with (its config.yaml)."
+    "to resume that run, pass the settings it was trained with (the values 'in the "
+    "checkpoint')."
 )
 
 
