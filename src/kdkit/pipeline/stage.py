@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch import nn
@@ -90,8 +91,8 @@ def _continue_csv_logs(trainer: L.Trainer, ckpt_path: Path) -> None:
     run's curves would begin at the resumed epoch. The rows of later epochs (written after the
     checkpoint, before the run stopped) are dropped: the resumed run logs them again.
     """
-    import torch
-
+    if not trainer.is_global_zero:  # the CSV log is written by process 0 alone
+        return
     done = int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
     for logger in trainer.loggers:
         if not isinstance(logger, CSVLogger):
