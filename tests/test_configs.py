@@ -64,7 +64,7 @@ def test_default_is_the_digits_experiment() -> None:
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
     hydra_cfg = OmegaConf.load(Path(CONFIG_DIR) / "config.yaml").hydra
     assert OmegaConf.to_container(hydra_cfg)["run"]["dir"] == (
-        "runs/${experiment_name}/${now:%Y-%m-%d_%H-%M-%S}"
+        "${kdkit.unique_dir:runs/${experiment_name}/${now:%Y-%m-%d_%H-%M-%S}}"
     )
 
 

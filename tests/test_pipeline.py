@@ -308,13 +308,16 @@ def test_ckpt_path_last_resumes_only_a_matching_run(
         teacher,
         "distill=dkd",
         *quick,
-        "hydra.run.dir=runs/digits/b",
+        "hydra.run.dir=runs/digits/a",
         "ckpt_path=last",
     )
     assert code == 2
     assert str(kd_ckpt) in out and "trained with distill=kd, this run uses distill=dkd" in out
-    assert "ckpt_path=<path to a .ckpt file>" in out
-    assert not Path("runs/digits/b/distilled/model.pt").exists()
+    assert "drop ckpt_path" in out
+    assert (
+        torch.load(kd_ckpt, weights_only=True)["kdkit_run"]["fingerprint"]["distill"]["method"]
+        == "kd"
+    )
 
     # another student, explicit path: a clear message instead of load_state_dict's RuntimeError
     code, out = _err(
@@ -329,19 +332,21 @@ def test_ckpt_path_last_resumes_only_a_matching_run(
     assert code == 2 and "cannot resume stage 'distilled'" in out and "holds model mlp(" in out
     assert "RuntimeError" not in out
 
-    # the same method and model: resumed, and said so
-    kdkit("distill", teacher, *quick, "hydra.run.dir=runs/digits/d", "ckpt_path=last")
+    # the same run: resumed, and said so
+    kdkit("distill", teacher, *quick, "hydra.run.dir=runs/digits/a", "ckpt_path=last")
     out = capsys.readouterr().err  # the log
     assert f"resuming from {kd_ckpt} (epoch 1; already complete, reusing it)" in out
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["run-dir-given", "default-run-dir"])
 def test_ctrl_c_prints_the_resume_command_and_writes_nothing_half(
-    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, named: bool
 ) -> None:
     import signal
 
     from kdkit.lightning import DistillationModule
 
+    monkeypatch.chdir(tmp_path)
     original = DistillationModule.training_step
     calls = {"n": 0}
 
@@ -355,14 +360,23 @@ def test_ctrl_c_prints_the_resume_command_and_writes_nothing_half(
     handler = signal.getsignal(signal.SIGINT)
     teacher = f"teacher.checkpoint={run_dir / 'teacher/model.pt'}"
     budget = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "progress_bar=none"]
-    code, out = _err(capsys, "distill", teacher, *budget, f"hydra.run.dir={tmp_path}")
+    given = [f"hydra.run.dir={tmp_path / 'named'}"] if named else []
+    code, out = _err(capsys, "distill", teacher, *budget, *given)
     assert code == 130
+    (out_dir,) = [tmp_path / "named"] if named else Path("runs/digits").iterdir()
     assert "interrupted; resume with: kdkit distill " in out
-    assert teacher in out and f"hydra.run.dir={tmp_path} ckpt_path=last" in out
+    # the command names the run folder, also the timestamped one the user never typed
+    assert teacher in out and f"hydra.run.dir={tmp_path / out_dir} ckpt_path=last" in out
     assert signal.getsignal(signal.SIGINT) is handler  # Lightning's SIG_IGN is undone
-    assert not (tmp_path / "distilled/model.pt").exists()
+    assert not (out_dir / "distilled/model.pt").exists()
     assert not list(tmp_path.rglob("*.tmp"))
-    assert (tmp_path / "distilled/checkpoints/last.ckpt").is_file()
+    last = out_dir / "distilled/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0
+
+    monkeypatch.setattr(DistillationModule, "training_step", original)
+    kdkit(*out.split("resume with: kdkit ", 1)[1].split("\n", 1)[0].split())  # as printed
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert (out_dir / "distilled/model.pt").is_file()
 
 
 def test_feature_method_with_mlp_student_fails_before_training(

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kdkit.pipeline import resolvers  # noqa: F401  (the configs' ${kdkit.*} resolvers)
+from kdkit.pipeline import resolvers  # the configs' ${kdkit.*} resolvers
 
 _SWITCHES = {"-m", "--multirun", "--run", "-r", "--resolve", "--hydra-help", "--version"}
 CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
@@ -115,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hydra.core.global_hydra import GlobalHydra
 
     _quiet_lightning()
+    resolvers.forget_run_dirs()  # this invocation makes its own run folder
     os.environ["KDKIT_COMMAND_HELP"] = commands[command]
     GlobalHydra.instance().clear()
     saved = sys.argv

@@ -8,10 +8,10 @@ cache keys on it) and ``y`` is ``-1`` for training samples whose label is hidden
 from __future__ import annotations
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
 from kdkit.data.registry import DataSplits, build_datasets, dataset_meta
+from kdkit.data.sampler import EpochShuffleSampler
 
 
 class KDDataModule(L.LightningDataModule):
@@ -19,7 +19,9 @@ class KDDataModule(L.LightningDataModule):
 
     ``num_classes`` and ``input_shape`` are known right after construction (from the
     dataset's registration; nothing is loaded or downloaded). ``seed`` seeds the training
-    shuffle, so the sample order is reproducible for a given seed.
+    shuffle: the order of each epoch is a function of ``(seed, epoch)``
+    (:class:`~kdkit.data.sampler.EpochShuffleSampler`), so a resumed run sees the batches the
+    uninterrupted one saw.
     """
 
     def __init__(
@@ -38,6 +40,8 @@ class KDDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0 (it seeds the shuffle), got {seed!r}")
         self.name = name
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -74,15 +78,13 @@ class KDDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         splits = self.prepare()
         dataset = getattr(splits, split)
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         # Workers that outlive an epoch keep a stale copy of an epoch-dependent dataset
         # (kdkit.cache.SeededViews): fresh workers each epoch then see its set_epoch.
         persistent = self.num_workers > 0 and not hasattr(dataset, "set_epoch")
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=EpochShuffleSampler(dataset, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             drop_last=self.drop_last and split == "train",

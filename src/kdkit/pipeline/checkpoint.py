@@ -57,8 +57,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ModelSpecCallback(L.Callback):
     """Stores the model spec in every Lightning checkpoint (``checkpoint["kdkit_model"]``).
 
-    ``info`` (stage, distill method and terms) goes to ``checkpoint["kdkit_run"]``, so that
-    ``ckpt_path=last`` resumes only checkpoints of the same kind of run.
+    ``info`` (the stage and the run's fingerprint, :func:`kdkit.pipeline.resume.run_info`)
+    goes to ``checkpoint["kdkit_run"]``, so that a checkpoint resumes only the run it belongs to.
     """
 
     def __init__(self, spec: Mapping[str, Any], info: Mapping[str, Any] | None = None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -142,7 +141,6 @@ def distill_student(
     stage: str = "distilled",
     *,
     resume: Resume = False,
-    prefer: Path | None = None,
     cache: Any = None,
 ) -> StageResult:
     """Distil ``cfg.student`` from ``teacher`` (or ``cache``, the opened teacher cache that
@@ -164,9 +162,11 @@ def distill_student(
         mixup_alpha=float(cfg.distill.mixup_alpha),
     )
     stage_dir = output_dir(cfg) / stage
-    trainer = build_trainer(cfg, stage_dir, stage, spec, info=run_info(cfg, "distilled"))
+    # the teacher's weights are part of the run's fingerprint (a cache names the teacher's)
+    info = run_info(cfg, "distilled", "student", teacher=teacher if teacher is not None else cache)
+    trainer = build_trainer(cfg, stage_dir, stage, spec, info=info)
     resumed = fit_stage(
-        cfg, trainer, module, datamodule, stage, stage_dir, spec, resume=resume, prefer=prefer
+        cfg, trainer, module, datamodule, stage, stage_dir, spec, info, resume=resume
     )
     if trainer.is_global_zero:
         save_model(

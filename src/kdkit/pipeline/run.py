@@ -70,23 +70,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cache = check_feasible(cfg, dm, untrained)
         del untrained
     teacher_name = str(teacher_spec["name"])
-    prefer = None
     if not cfg.teacher.checkpoint:
-        trained = train_supervised(cfg, dm, "teacher", "teacher", resume=resume)
-        teacher, prefer = trained.model, trained.resumed_run_dir
+        teacher = train_supervised(cfg, dm, "teacher", "teacher", resume=resume).model
     scratch = train_supervised(
-        cfg,
-        dm,
-        "student",
-        "scratch",
-        mixup_alpha=float(cfg.distill.mixup_alpha),
-        resume=resume,
-        prefer=prefer,
+        cfg, dm, "student", "scratch", mixup_alpha=float(cfg.distill.mixup_alpha), resume=resume
     )
-    prefer = prefer or scratch.resumed_run_dir
-    distilled = distill_student(
-        cfg, dm, teacher, "distilled", resume=resume, prefer=prefer, cache=cache
-    )
+    distilled = distill_student(cfg, dm, teacher, "distilled", resume=resume, cache=cache)
     if not _is_rank_zero():
         return {}
     t_logits = teacher_test_logits(teacher, dm)

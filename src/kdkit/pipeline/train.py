@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,14 +22,14 @@ def train_supervised(
     *,
     resume: Resume = False,
     mixup_alpha: float = 0.0,
-    prefer: Path | None = None,
 ) -> StageResult:
     """Train ``cfg.<role>`` with cross-entropy; writes ``<run>/<stage>/model.pt``.
 
     The model is initialised right after ``seed_everything(cfg.seed)`` and the data stream is
     re-seeded before fitting, so the scratch student starts from the same weights and sees the
     same batches as the distilled one. ``resume``: True resumes ``ckpt_path`` (an error when
-    nothing matches), ``"optional"`` resumes it if a matching checkpoint exists (``kdkit run``).
+    there is none), ``"optional"`` resumes it if this run folder has one (``kdkit run``); either
+    way the checkpoint must belong to this run (:func:`~kdkit.pipeline.resume.run_info`).
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     model, spec = build_model(cfg, role, datamodule.num_classes, datamodule.input_shape)
@@ -38,11 +37,10 @@ def train_supervised(
     module = ClassifierModule(model, datamodule.num_classes, optimizer, scheduler, mixup_alpha)
     stage_dir = output_dir(cfg) / stage
     epochs = cfg.teacher.max_epochs if role == "teacher" else None
-    trainer = build_trainer(
-        cfg, stage_dir, stage, spec, max_epochs=epochs, info=run_info(cfg, stage)
-    )
+    info = run_info(cfg, stage, role, mixup_alpha=mixup_alpha)
+    trainer = build_trainer(cfg, stage_dir, stage, spec, max_epochs=epochs, info=info)
     resumed = fit_stage(
-        cfg, trainer, module, datamodule, stage, stage_dir, spec, resume=resume, prefer=prefer
+        cfg, trainer, module, datamodule, stage, stage_dir, spec, info, resume=resume
     )
     if trainer.is_global_zero:
         save_model(stage_dir / "model.pt", model, spec, metadata={"stage": stage})
