@@ -10,18 +10,10 @@ import urllib.error
 from pathlib import Path
 
 import pytest
+from test_pipeline import TINY  # the tiny budget the pipeline tests train with
 
 from kdkit.cli import main
 from kdkit.report import ModelReport, _accuracy_vs_latency_figure, _curves_figure
-
-TINY = [
-    "trainer.max_epochs=1",
-    "teacher.max_epochs=1",
-    "trainer.limit_train_batches=3",
-    "trainer.limit_val_batches=2",
-    "progress_bar=none",
-    "evaluate.latency_repeats=2",
-]
 
 
 def _fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

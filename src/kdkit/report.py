@@ -338,10 +338,14 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
     return fig
 
 
-def _save_png(fig: Any, path: Path) -> None:
+def _save_png(fig: Any, path: Path) -> bool:
+    """Write ``fig`` to ``path``; False (nothing written) when there is no figure."""
+    if fig is None:
+        return False
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
+    return True
 
 
 # Curves of fractions in [0, 1], drawn in % like the table.
@@ -372,13 +376,6 @@ def _curves_figure(entries: Sequence[ModelReport]) -> Any:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return fig
-
-
-def _plot_curves(entries: Sequence[ModelReport], path: Path) -> bool:
-    fig = _curves_figure(entries)
-    if fig is not None:
-        _save_png(fig, path)
-    return fig is not None
 
 
 def _accuracy_vs_latency_figure(entries: Sequence[ModelReport]) -> Any:
@@ -423,13 +420,6 @@ def _accuracy_vs_latency_figure(entries: Sequence[ModelReport]) -> Any:
     pad = max(1.0, 0.2 * (max(accuracies) - min(accuracies)))
     ax.set_ylim(max(0.0, min(accuracies) - pad), min(100.5, max(accuracies) + pad))
     return fig
-
-
-def _plot_accuracy_vs_latency(entries: Sequence[ModelReport], path: Path) -> bool:
-    fig = _accuracy_vs_latency_figure(entries)
-    if fig is not None:
-        _save_png(fig, path)
-    return fig is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,9 +479,9 @@ def build_report(
     rows = _with_speedups(entries)
 
     plots = []
-    if _plot_curves(rows, out / "curves.png"):
+    if _save_png(_curves_figure(rows), out / "curves.png"):
         plots.append("curves.png")
-    if _plot_accuracy_vs_latency(rows, out / "accuracy_vs_latency.png"):
+    if _save_png(_accuracy_vs_latency_figure(rows), out / "accuracy_vs_latency.png"):
         plots.append("accuracy_vs_latency.png")
 
     payload = {
