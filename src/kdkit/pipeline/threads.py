@@ -1,9 +1,10 @@
 """The default intra-op thread count (``threads: null``): picked from the models' size.
 
-On the 2-core machine of benchmarks/RESULTS.md ("Threads"), the digits pipeline takes about
-the same time on 1 and 2 intra-op threads when the machine is idle, and is several times
-slower on 2 when another process keeps one core busy: a small model's ops are too short for
-threads to pay for their synchronisation. So models under ``SMALL_MODEL_PARAMS`` parameters
+On the 2-core machine of benchmarks/RESULTS.md ("Threads"), the digits pipeline on 2
+intra-op threads took 8x as long as on 1 while other processes kept the cores busy (the
+issue's own measurement: 176 s against 12.4 s), with the same accuracies: a small model's ops
+are too short for threads to pay for their synchronisation, and a descheduled thread stalls
+every op. So models under ``SMALL_MODEL_PARAMS`` parameters
 (teacher and student both) run on one thread; larger ones keep PyTorch's default. The choice
 depends on the config only, never on the machine's load, so a run's numbers do not either.
 """
