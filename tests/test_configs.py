@@ -187,7 +187,7 @@ def test_groups_compose(group: str) -> None:
     if group == "trainer=ddp":
         assert cfg.trainer.strategy.process_group_backend == "gloo"
     if group == "logger=mlflow":
-        assert cfg.logger.mlflow.tracking_uri == "file:/tmp/unused/mlruns"
+        assert cfg.logger.mlflow.tracking_uri == "sqlite:////tmp/unused/mlflow.db"
     if group == "logger=wandb":
         assert cfg.logger.wandb.mode == "offline"
 

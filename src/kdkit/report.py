@@ -288,7 +288,12 @@ def print_report(
         console.print(sentence)
 
 
-def _markdown(entries: Sequence[ModelReport], title: str, plots: Sequence[str]) -> str:
+def _markdown(
+    entries: Sequence[ModelReport],
+    title: str,
+    plots: Sequence[str],
+    sources: Sequence[str] = (),
+) -> str:
     lines = [f"# {title}", ""]
     lines.append("| " + " | ".join(_COLUMNS) + " |")
     lines.append("|" + "|".join([":---"] * 2 + ["---:"] * (len(_COLUMNS) - 2)) + "|")
@@ -307,6 +312,11 @@ def _markdown(entries: Sequence[ModelReport], title: str, plots: Sequence[str]) 
         "teacher."
     )
     lines.append("")
+    if sources:
+        lines.append("Runs compared:")
+        lines.append("")
+        lines.extend(f"- {source}" for source in sources)
+        lines.append("")
     for plot in plots:
         lines.append(f"![{Path(plot).stem}]({plot})")
         lines.append("")
@@ -328,40 +338,51 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
     return fig
 
 
-def _save_png(fig: Any, path: Path) -> None:
+def _save_png(fig: Any, path: Path) -> bool:
+    """Write ``fig`` to ``path``; False (nothing written) when there is no figure."""
+    if fig is None:
+        return False
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     atomic_write_bytes(path, buffer.getvalue())
+    return True
 
 
-def _plot_curves(entries: Sequence[ModelReport], path: Path) -> bool:
+# Curves of fractions in [0, 1], drawn in % like the table.
+_PERCENT_CURVES = ("val/acc", "val/agreement", "train/acc", "test/acc")
+
+
+def _curves_figure(entries: Sequence[ModelReport]) -> Any:
+    """One panel per metric; accuracy-like metrics in %, like the table. None: no curves."""
     metrics: list[str] = []
     for e in entries:
         for metric in e.curves or {}:
             if metric not in metrics:
                 metrics.append(metric)
     if not metrics:
-        return False
+        return None
     fig = _new_figure((5.0 * len(metrics), 3.6))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
+        scale = 100.0 if metric in _PERCENT_CURVES else 1.0
         for e in entries:
             points = (e.curves or {}).get(metric)
             if points:
                 xs, ys = zip(*points, strict=True)
+                ys = [y * scale for y in ys]
                 ax.plot(xs, ys, marker="o", markersize=3, label=f"{e.name} ({e.role})")
-        ax.set_title(metric)
-        ax.set_xlabel("step / epoch")
+        ax.set_title(f"{metric} (%)" if scale != 1.0 else metric)
+        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    _save_png(fig, path)
-    return True
+    return fig
 
 
-def _plot_accuracy_vs_latency(entries: Sequence[ModelReport], path: Path) -> bool:
+def _accuracy_vs_latency_figure(entries: Sequence[ModelReport]) -> Any:
+    """One marker per model with accuracy and latency; None when there is none."""
     points = [e for e in entries if e.accuracy is not None and e.latency_ms_per_sample is not None]
     if not points:
-        return False
+        return None
     max_params = max((e.params or 0) for e in points) or 1
     colors = {"teacher": "tab:red", "scratch": "tab:gray", "distilled": "tab:blue"}
     fig = _new_figure((6.0, 4.5))
@@ -385,16 +406,20 @@ def _plot_accuracy_vs_latency(entries: Sequence[ModelReport], path: Path) -> boo
             xytext=(6, 6),
             fontsize="small",
         )
-    for role, color in colors.items():
-        ax.scatter([], [], color=color, label=role, alpha=0.6)
+    for role in [r for r in colors if any(e.role == r for e in points)]:
+        ax.scatter([], [], color=colors[role], label=role, alpha=0.6)
     ax.set_xlabel("CPU latency per sample (ms)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs. latency (marker area ∝ parameters)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="lower right")
-    ax.margins(0.2)
-    _save_png(fig, path)
-    return True
+    ax.margins(x=0.2)
+    # At least 2 points of accuracy around the markers (one model alone would otherwise get
+    # a range of hundredths of a percent), never past 100 %.
+    accuracies = [e.accuracy * 100.0 for e in points]
+    pad = max(1.0, 0.2 * (max(accuracies) - min(accuracies)))
+    ax.set_ylim(max(0.0, min(accuracies) - pad), min(100.5, max(accuracies) + pad))
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,8 +455,11 @@ def build_report(
     *,
     title: str = "kdkit report",
     config: Mapping[str, Any] | None = None,
+    sources: Sequence[str] = (),
 ) -> Path:
     """Write ``report.json``, ``report.md``, ``curves.png`` and ``accuracy_vs_latency.png``.
+
+    ``sources`` (e.g. the run folders of a combined report) are listed under the table.
 
     ``curves.png`` is written only when some entry has ``curves``; ``accuracy_vs_latency.png``
     only when some entry has both accuracy and latency. Missing speed-ups are filled from the
@@ -451,9 +479,9 @@ def build_report(
     rows = _with_speedups(entries)
 
     plots = []
-    if _plot_curves(rows, out / "curves.png"):
+    if _save_png(_curves_figure(rows), out / "curves.png"):
         plots.append("curves.png")
-    if _plot_accuracy_vs_latency(rows, out / "accuracy_vs_latency.png"):
+    if _save_png(_accuracy_vs_latency_figure(rows), out / "accuracy_vs_latency.png"):
         plots.append("accuracy_vs_latency.png")
 
     payload = {
@@ -465,10 +493,11 @@ def build_report(
         "summary": summarize(rows),
         "models": [e.to_dict() for e in rows],
         "plots": plots,
+        "sources": list(sources),
     }
     text = json.dumps(_json_safe(payload), indent=2, ensure_ascii=False, allow_nan=False)
     atomic_write_text(out / "report.json", text + "\n")
-    atomic_write_text(out / "report.md", _markdown(rows, title, plots))
+    atomic_write_text(out / "report.md", _markdown(rows, title, plots, sources))
     return out
 
 

@@ -34,6 +34,14 @@ def _load(cls: type[datasets.CIFAR10], root: str | Path, train: bool, download: 
         )
     try:
         return cls(root=str(folder.parent), train=train, download=download)
+    except OSError as err:  # urllib's URLError, a refused connection, a timeout
+        if not download:
+            raise
+        raise FileNotFoundError(
+            f"could not download {cls.__name__} to {folder.parent} ({err}): check the network "
+            f"connection, or download it elsewhere, copy the extracted '{cls.base_folder}' "
+            f"folder there and pass data.root=<its parent folder> data.download=false."
+        ) from err
     except RuntimeError as err:
         raise FileNotFoundError(
             f"{cls.__name__} data under {folder} is incomplete or corrupt ({err}). Set "

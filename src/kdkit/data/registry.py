@@ -18,6 +18,7 @@ All splits are wrapped in :class:`kdkit.data.indexed.IndexedDataset`, so every s
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -116,15 +117,36 @@ def _check_fraction(labeled_fraction: float) -> float:
     return value
 
 
+def _check_options(name: str, builder: Builder, options: dict) -> None:
+    """Refuse an option the data set's builder does not take (e.g. a preset's ``download``)."""
+    params = inspect.signature(builder).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        key = unknown[0]
+        raise ValueError(
+            f"data.{key}={options[key]!r} is not an option of dataset {name!r}; it takes "
+            f"{', '.join(sorted(params)) or 'no options'} (and labeled_fraction). Remove it "
+            f"(~data.{key}) or pick a data set that has it."
+        )
+
+
 def dataset_meta(name: str, **options) -> DatasetMeta:
-    """``num_classes`` and ``input_shape`` of ``name`` under ``options``; loads no data."""
+    """``num_classes`` and ``input_shape`` of ``name`` under ``options``; loads no data.
+
+    An option the data set does not take is refused here, before anything is built.
+    """
     options.pop("labeled_fraction", None)
-    return _entry(name).meta(**options)
+    entry = _entry(name)
+    _check_options(name, entry.builder, options)
+    return entry.meta(**options)
 
 
 def build_datasets(name: str, *, labeled_fraction: float = 1.0, **options) -> DataSplits:
     """Build the train/val/test splits of dataset ``name``, each yielding ``(x, y, index)``."""
     entry = _entry(name)
+    _check_options(name, entry.builder, options)
     fraction = _check_fraction(labeled_fraction)
     splits = entry.builder(**options)
     hide = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,17 @@ _STAGE_ARGUMENT = {
 }
 
 
+def finish_loggers() -> None:
+    """End the W&B run a stage left open: Lightning's WandbLogger would otherwise log the next
+    stage (scratch after teacher) into the same run, and an in-process caller never gets its
+    files finished."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def build_loggers(cfg: DictConfig, stage: str) -> list[Any]:
+    finish_loggers()
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if not isinstance(node, DictConfig) or "_target_" not in node:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -19,6 +20,7 @@ from kdkit.atomic import atomic_write_text
 from kdkit.pipeline.build import (
     build_datamodule,
     build_model,
+    finish_loggers,
     load_teacher,
     output_dir,
     to_container,
@@ -27,7 +29,9 @@ from kdkit.pipeline.checkpoint import load_model, load_model_file
 from kdkit.pipeline.distill import check_feasible, distill_student
 from kdkit.pipeline.evaluate import evaluate_model, load_entries, teacher_test_logits
 from kdkit.pipeline.log import get_logger
+from kdkit.pipeline.preflight import preflight
 from kdkit.pipeline.resume import resume_mode
+from kdkit.pipeline.threads import set_threads
 from kdkit.pipeline.train import train_supervised
 from kdkit.report import build_report, print_report
 
@@ -153,8 +157,11 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
         teacher_logits=teacher_test_logits(teacher, dm),
         stage_dir=out / "distilled",
     )
-    print_report([entry], title=_title(cfg, teacher_name))
+    title = _title(cfg, teacher_name)
+    build_report([entry], out, title=title, config=to_container(cfg))
+    print_report([entry], title=title)
     log.info("model: %s", out / "distilled" / "model.pt")
+    log.info("report: %s", out / "report.md")
     return {"accuracy": entry.accuracy}
 
 
@@ -197,34 +204,65 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return {"accuracy": entry.accuracy}
 
 
+def _run_dirs(cfg: DictConfig) -> list[Path]:
+    """``run_dirs`` as folders: a list, or one path given without brackets."""
+    given = cfg.run_dirs
+    paths = [given] if isinstance(given, str) else list(given or [])
+    if paths:
+        return [Path(str(p)) for p in paths]
+    found = Path("runs", str(cfg.experiment_name)).glob("*/*/metrics.json")
+    candidates = sorted({p.parent.parent for p in found}, key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(
+            f"no run folders given and none found under runs/{cfg.experiment_name}/; pass "
+            "run_dirs=[runs/<experiment>/<time>] (one or more)."
+        )
+    return [candidates[-1]]
+
+
+def _load_run(run_dir: Path) -> tuple[list[Any], Any, str]:
+    """A run folder's report rows, its saved config and the title its report had."""
+    entries = load_entries(run_dir)
+    config_file = run_dir / "config.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+    title = _stored_title(run_dir, config, entries) or f"kdkit report: {run_dir}"
+    return entries, config, title
+
+
+def _combined(runs: dict[Path, list[Any]]) -> list[Any]:
+    """Every run's rows in one list; a name two runs share gets its run folder's name."""
+    names = [e.name for entries in runs.values() for e in entries]
+    rows = []
+    for run_dir, entries in runs.items():
+        for e in entries:
+            name = f"{e.name} [{run_dir.name}]" if names.count(e.name) > 1 else e.name
+            rows.append(dataclasses.replace(e, name=name, speedup_vs_teacher=None))
+    return rows
+
+
 def report(cfg: DictConfig) -> dict[str, Any]:
-    """Rebuild report.{json,md} and plots of run folders from their stages' metrics.json."""
-    run_dirs = [Path(str(p)) for p in cfg.run_dirs]
-    if not run_dirs:
-        found = Path("runs", str(cfg.experiment_name)).glob("*/*/metrics.json")
-        candidates = sorted(
-            {p.parent.parent for p in found},
-            key=lambda p: p.stat().st_mtime,
-        )
-        if not candidates:
-            raise FileNotFoundError(
-                f"no run folders given and none found under runs/{cfg.experiment_name}/; pass "
-                "run_dirs=[runs/<experiment>/<time>] (one or more)."
-            )
-        run_dirs = [candidates[-1]]
-    results = {}
-    for run_dir in run_dirs:
-        entries = load_entries(run_dir)
-        config_file = run_dir / "config.yaml"
-        config = (
-            OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
-        )
-        title = _stored_title(run_dir, config, entries) or f"kdkit report: {run_dir}"
-        build_report(entries, run_dir, title=title, config=config)  # type: ignore[arg-type]
+    """Rebuild the report of one run folder in place, or compare several run folders in one
+    table and plot written to this command's own folder."""
+    run_dirs = _run_dirs(cfg)
+    if len(run_dirs) == 1:
+        entries, config, title = _load_run(run_dirs[0])
+        build_report(entries, run_dirs[0], title=title, config=config)
         print_report(entries, title=title)
-        log.info("report: %s", run_dir / "report.md")
-        results[str(run_dir)] = {e.role: e.accuracy for e in entries}
-    return results
+        log.info("report: %s", run_dirs[0] / "report.md")
+        return {str(run_dirs[0]): {e.role: e.accuracy for e in entries}}
+    runs, titles = {}, []
+    for run_dir in run_dirs:
+        entries, _, title = _load_run(run_dir)
+        runs[run_dir] = entries
+        titles.append(f"{run_dir}: {title.removeprefix('kdkit report: ')}")
+    rows = _combined(runs)
+    out = output_dir(cfg)
+    title = f"kdkit report: {len(run_dirs)} runs compared"
+    build_report(rows, out, title=title, config={"run_dirs": [str(p) for p in run_dirs]},
+                 sources=titles)  # fmt: skip
+    print_report(rows, title=title)
+    log.info("report: %s", out / "report.md")
+    return {str(p): {e.role: e.accuracy for e in entries} for p, entries in runs.items()}
 
 
 def _stored_title(run_dir: Path, config: Any, entries: list[Any]) -> str | None:
@@ -266,8 +304,24 @@ def _quiet_export() -> Iterator[None]:
             logging.getLogger(n).setLevel(level)
 
 
+def _check_export_extra() -> None:
+    missing = []
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ValueError(
+            f"ONNX export needs the export extra ({', '.join(missing)} not installed): "
+            "pip install 'kdkit[export]', or pass export.onnx=false for the TorchScript file only."
+        )
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """ONNX (checked against torch in onnxruntime) and TorchScript files of a model file."""
+    if cfg.export.onnx:
+        _check_export_extra()
     from kdkit.export import export_onnx, export_torchscript
 
     out = output_dir(cfg)
@@ -332,10 +386,21 @@ COMMANDS = {
 }
 
 
+def _command_line_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
 def dispatch(cfg: DictConfig) -> Any:
+    """Check the config and the machine (:mod:`~kdkit.pipeline.preflight`), set the thread
+    count (:mod:`~kdkit.pipeline.threads`), then run ``cfg.command``."""
     command = str(cfg.command)
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}.")
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
-    return COMMANDS[command][0](cfg)
+    preflight(cfg, _command_line_overrides())
+    set_threads(cfg, build_datamodule(cfg))
+    try:
+        return COMMANDS[command][0](cfg)
+    finally:
+        finish_loggers()
