@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,13 @@ def test_mlflow_logs_metrics_into_a_sqlite_store_in_the_run_folder(tmp_path: Pat
     assert len(history) == 2 and all(0.0 <= m.value <= 1.0 for m in history)
 
 
-def _wandb_history(path: Path) -> list[dict[str, float]]:
+def _wandb_history(path: Path) -> tuple[list[dict[str, float]], bool]:
     """The logged rows of an offline ``run-*.wandb`` file (a LevelDB-style log of protobuf
-    records: a 7-byte file header, then records of crc32, length, type in 32 KiB blocks)."""
+    records: a 7-byte file header, then records of crc32, length, type in 32 KiB blocks), and
+    whether the run's exit record is there (wandb's service writes the file asynchronously)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data, pos, block, pending, rows = path.read_bytes(), 7, 32768, b"", []
+    data, pos, block, pending, rows, finished = path.read_bytes(), 7, 32768, b"", [], False
     while pos + 7 <= len(data):
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
@@ -49,11 +51,22 @@ def _wandb_history(path: Path) -> list[dict[str, float]]:
             record = pb.Record()
             record.ParseFromString(pending)
             pending = b""
+            finished |= record.WhichOneof("record_type") == "exit"
             if record.WhichOneof("record_type") == "history":
                 items = record.history.item
                 rows.append(
                     {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
                 )
+    return rows, finished
+
+
+def _finished_wandb_history(path: Path, timeout: float = 60.0) -> list[dict[str, float]]:
+    deadline = time.monotonic() + timeout
+    rows, finished = _wandb_history(path)
+    while not finished and time.monotonic() < deadline:
+        time.sleep(0.5)
+        rows, finished = _wandb_history(path)
+    assert finished, f"{path} has no exit record after {timeout} s"
     return rows
 
 
@@ -67,6 +80,6 @@ def test_wandb_offline_writes_one_run_per_stage_with_the_metrics(
     assert len(runs) == 3  # teacher, scratch, distilled: never one run for all three
     for run in runs:
         (log,) = run.glob("run-*.wandb")
-        history = [row for row in _wandb_history(log) if "val/acc" in row]
+        history = [row for row in _finished_wandb_history(log) if "val/acc" in row]
         assert [row["epoch"] for row in history] == [0, 1]
         assert all(0.0 <= row["val/acc"] <= 1.0 for row in history)
