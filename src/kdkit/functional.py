@@ -888,6 +888,35 @@ def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
     return torch.logsumexp(mixed, dim=0)
 
 
+def _skew(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float,
+    temperature: float,
+    mask: Tensor | None,
+    reduction: str,
+    num_items_in_batch: Count,
+    reverse: bool,
+) -> Tensor:
+    """``T^2 * KL(p || alpha p + (1 - alpha) q)``: ``p = p_t, q = p_s``, or reversed."""
+    if alpha == 0.0:
+        return (reverse_kl_div if reverse else kl_div)(
+            student_logits,
+            teacher_logits,
+            temperature,
+            mask,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            validate_args=False,
+        )
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
+    log_p, log_q = (log_p_s, log_p_t) if reverse else (log_p_t, log_p_s)
+    rows = temperature**2 * _kl_rows(log_p, _log_mixture(log_p, log_q, alpha))
+    return reduce(rows, keep, reduction, num_items_in_batch)
+
+
 def skew_kl_div(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -912,21 +941,16 @@ def skew_kl_div(
         alpha = check_skew_alpha(alpha)
         temperature = check_temperature(temperature)
         check_reduction(reduction, "skew_kl_div")
-    if alpha == 0.0:
-        return kl_div(
-            student_logits,
-            teacher_logits,
-            temperature,
-            mask,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
-        )
-    check_logits(student_logits, teacher_logits)
-    keep = _keep(mask, student_logits)
-    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
-    rows = temperature**2 * _kl_rows(log_p_t, _log_mixture(log_p_t, log_p_s, alpha))
-    return reduce(rows, keep, reduction, num_items_in_batch)
+    return _skew(
+        student_logits,
+        teacher_logits,
+        alpha,
+        temperature,
+        mask,
+        reduction,
+        num_items_in_batch,
+        reverse=False,
+    )
 
 
 def skew_reverse_kl_div(
@@ -951,21 +975,16 @@ def skew_reverse_kl_div(
         alpha = check_skew_alpha(alpha)
         temperature = check_temperature(temperature)
         check_reduction(reduction, "skew_reverse_kl_div")
-    if alpha == 0.0:
-        return reverse_kl_div(
-            student_logits,
-            teacher_logits,
-            temperature,
-            mask,
-            reduction=reduction,
-            num_items_in_batch=num_items_in_batch,
-            validate_args=False,
-        )
-    check_logits(student_logits, teacher_logits)
-    keep = _keep(mask, student_logits)
-    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
-    rows = temperature**2 * _kl_rows(log_p_s, _log_mixture(log_p_s, log_p_t, alpha))
-    return reduce(rows, keep, reduction, num_items_in_batch)
+    return _skew(
+        student_logits,
+        teacher_logits,
+        alpha,
+        temperature,
+        mask,
+        reduction,
+        num_items_in_batch,
+        reverse=True,
+    )
 
 
 def tvd(
