@@ -164,6 +164,11 @@ PER_SAMPLE = [
     Case("reverse_kl", lambda **k: L.ReverseKLDivLoss(2.0, **k), _masked_logits),
     Case("gjsd", lambda **k: L.GeneralizedJSDLoss(0.3, 2.0, **k), _masked_logits),
     Case("gjsd_reverse", lambda **k: L.GeneralizedJSDLoss(1.0, 2.0, -100, **k), _ignored_logits),
+    Case("skew_kl", lambda **k: L.SkewKLDivLoss(0.1, 2.0, **k), _masked_logits),
+    Case(
+        "skew_reverse_kl", lambda **k: L.SkewReverseKLDivLoss(0.2, 1.0, -100, **k), _ignored_logits
+    ),
+    Case("tvd", lambda **k: L.TVDLoss(2.0, **k), _masked_logits),
     Case("mse_logits", lambda **k: L.MSELogitsLoss(**k), _masked_logits),
     Case("hinton", lambda **k: L.HintonLoss(0.3, 0.7, 2.0, **k), _labelled_logits),
     Case("hinton_mask", lambda **k: L.HintonLoss(0.3, 0.7, 2.0, **k), _labelled_logits_and_mask),
@@ -236,6 +241,10 @@ DECLARED = {
     L.KLDivLoss: (False, True, True, True, True),
     L.ReverseKLDivLoss: (False, True, True, True, True),
     L.GeneralizedJSDLoss: (False, True, True, True, True),
+    L.SkewKLDivLoss: (False, True, True, True, True),
+    L.SkewReverseKLDivLoss: (False, True, True, True, True),
+    L.TVDLoss: (False, True, True, True, True),
+    L.FusedLinearJSDLoss: (False, True, True, True, True),
     L.MSELogitsLoss: (False, True, True, True, False),
     L.SparseKLDivLoss: (False, True, True, True, True),
     L.HintonLoss: (True, True, True, True, True),
@@ -293,6 +302,15 @@ def test_forward_signatures_follow_the_family():
         assert {"mask", "num_items_in_batch"} <= keyword_only(cls), cls.__name__
         if cls is L.CrossEntropyLoss:
             assert positional(cls) == ["self", "logits", "target"]
+        elif cls is L.FusedLinearJSDLoss:  # hidden states and lm_head weights, not logits
+            assert positional(cls) == [
+                "self",
+                "student_input",
+                "student_weight",
+                "teacher_input",
+                "teacher_weight",
+                "labels",
+            ]
         elif cls.needs_target:
             assert positional(cls) == ["self", "student", "teacher", "target"], cls.__name__
         else:

@@ -120,3 +120,14 @@ def check_hard_target(target: Tensor, logits: Tensor) -> None:
             f"target must hold integer class indices, got dtype {target.dtype}; "
             "convert with target.long()"
         )
+
+
+def check_skew_alpha(alpha: float) -> float:
+    """Return the skew KL's ``alpha`` as a float, or raise: it must lie in [0, 1)."""
+    if not _is_number(alpha) or not 0.0 <= alpha < 1.0:
+        raise ValueError(
+            f"alpha must be a number in [0, 1), got {alpha!r}; it is the share of the target "
+            "distribution mixed into the other side (DistiLLM uses 0.1; 0 = plain KL, and at 1 "
+            "the divergence is 0 for every student)"
+        )
+    return float(alpha)

@@ -33,7 +33,8 @@ return the batch's scalar only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
@@ -46,6 +47,7 @@ from kdkit._checks import (
     check_jsd_beta,
     check_logits,
     check_mask,
+    check_skew_alpha,
     check_temperature,
     check_weight,
 )
@@ -80,10 +82,14 @@ __all__ = [
     "pkt",
     "reverse_kl_div",
     "rkd",
+    "skew_kl_div",
+    "skew_reverse_kl_div",
     "soft_cross_entropy",
     "tinybert_attention",
     "sparse_kl_div",
     "topk_at_temperature",
+    "tvd",
+    "unshared_log_softmax",
 ]
 
 Count = int | Tensor | None
@@ -403,12 +409,7 @@ def generalized_jsd(
     if beta == 0.0:
         rows = _kl_rows(log_p_t, log_p_s)
     else:
-        # Floored like _kl_rows: logsumexp of two -inf (a class masked in both) has NaN grads.
-        floor = torch.finfo(log_p_s.dtype).min
-        log_p_t, log_p_s = log_p_t.clamp(min=floor), log_p_s.clamp(min=floor)
-        log_m = torch.logsumexp(
-            torch.stack([log_p_t + math.log(beta), log_p_s + math.log1p(-beta)]), dim=0
-        )
+        log_m = _log_mixture(log_p_t, log_p_s, beta)
         rows = beta * _kl_rows(log_p_t, log_m) + (1.0 - beta) * _kl_rows(log_p_s, log_m)
     return reduce(temperature**2 * rows, keep, reduction, num_items_in_batch)
 
@@ -1393,4 +1394,161 @@ def sparse_kl_div(
         log_p = torch.cat([log_p, log_m_t.unsqueeze(-1)], dim=-1)
         log_q_kept = torch.cat([log_q_kept, log_m_s.unsqueeze(-1)], dim=-1)
     rows = temperature**2 * _kl_rows(log_p, log_q_kept)
+    return reduce(rows, keep, reduction, num_items_in_batch)
+
+
+# --------------------------------------------------------------------------------------------
+# token divergences of DistiLLM, and the memo switch of the chunked losses
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def unshared_log_softmax() -> Iterator[None]:
+    """Within this block :func:`log_softmax` memoises nothing, even inside
+    :func:`shared_log_softmax`.
+
+    :mod:`kdkit.chunked` computes token losses a chunk of rows at a time; memoising each chunk's
+    log-softmax would keep the whole ``[N, V]`` tensor alive after all, so it opens this block.
+    """
+    token = _SHARED.set(None)
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+    """``log(weight * p + (1 - weight) * q)`` for ``0 < weight < 1``, from log-probabilities."""
+    # Floored like _kl_rows: logsumexp of two -inf (a class masked in both) has NaN gradients.
+    floor = torch.finfo(log_p.dtype).min
+    mixed = torch.stack(
+        [log_p.clamp(min=floor) + math.log(weight), log_q.clamp(min=floor) + math.log1p(-weight)]
+    )
+    return torch.logsumexp(mixed, dim=0)
+
+
+def _skew(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float,
+    temperature: float,
+    mask: Tensor | None,
+    reduction: str,
+    num_items_in_batch: Count,
+    reverse: bool,
+) -> Tensor:
+    """``T^2 * KL(p || alpha p + (1 - alpha) q)``: ``p = p_t, q = p_s``, or reversed."""
+    if alpha == 0.0:
+        return (reverse_kl_div if reverse else kl_div)(
+            student_logits,
+            teacher_logits,
+            temperature,
+            mask,
+            reduction=reduction,
+            num_items_in_batch=num_items_in_batch,
+            validate_args=False,
+        )
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
+    log_p, log_q = (log_p_s, log_p_t) if reverse else (log_p_t, log_p_s)
+    rows = temperature**2 * _kl_rows(log_p, _log_mixture(log_p, log_q, alpha))
+    return reduce(rows, keep, reduction, num_items_in_batch)
+
+
+def skew_kl_div(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Skew KL divergence of Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large
+    Language Models".
+
+    ``SKL_alpha = KL(p_t || alpha p_t + (1 - alpha) p_s)`` (DistiLLM's ``skewed_forward_kl``,
+    default ``alpha = 0.1``), ``loss = T^2 * mean_n SKL_alpha``, ``p = softmax(z / T)``. The
+    mixture keeps the value and the gradients bounded where the student gives a teacher class
+    almost no mass; ``alpha = 0`` is exactly :func:`kl_div`. DistiLLM's reference code returns the
+    cross-entropy ``-sum p_t log m`` (this value plus the teacher's entropy: same gradient).
+    """
+    if validate_args:
+        alpha = check_skew_alpha(alpha)
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "skew_kl_div")
+    return _skew(
+        student_logits,
+        teacher_logits,
+        alpha,
+        temperature,
+        mask,
+        reduction,
+        num_items_in_batch,
+        reverse=False,
+    )
+
+
+def skew_reverse_kl_div(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Skew reverse KL divergence of Ko et al. 2024, "DistiLLM".
+
+    ``SRKL_alpha = KL(p_s || alpha p_s + (1 - alpha) p_t)`` (DistiLLM's ``skewed_reverse_kl``,
+    default ``alpha = 0.1``), ``loss = T^2 * mean_n SRKL_alpha``. For ``alpha > 0`` the mixture
+    covers every class of ``p_s``, so classes the teacher masks (``-inf``) give a finite value
+    without restricting the student; ``alpha = 0`` is exactly :func:`reverse_kl_div`.
+    """
+    if validate_args:
+        alpha = check_skew_alpha(alpha)
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "skew_reverse_kl_div")
+    return _skew(
+        student_logits,
+        teacher_logits,
+        alpha,
+        temperature,
+        mask,
+        reduction,
+        num_items_in_batch,
+        reverse=True,
+    )
+
+
+def tvd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    num_items_in_batch: Count = None,
+    validate_args: bool = True,
+) -> Tensor:
+    """Total variation distance, as in DistiLLM's ``tv_distance`` (Ko et al. 2024) and the
+    f-divergence distillation of Wen et al. 2023, "f-Divergence Minimization for Sequence-Level
+    Knowledge Distillation".
+
+    ``loss = mean_n 0.5 * sum_c |p_t,c - p_s,c|``, ``p = softmax(z / T)``: a distance bounded by
+    1. It is not multiplied by ``T^2``: that factor restores the ``1 / T^2`` gradient scale of the
+    KL family, while TVD's gradient shrinks like ``1 / T``. Masked classes have ``p = 0``.
+    """
+    if validate_args:
+        temperature = check_temperature(temperature)
+        check_reduction(reduction, "tvd")
+    check_logits(student_logits, teacher_logits)
+    keep = _keep(mask, student_logits)
+    log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
+    rows = 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(dim=-1)
     return reduce(rows, keep, reduction, num_items_in_batch)

@@ -20,7 +20,7 @@ student side and are registered parameters, so optimizers and checkpoints see th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from torch import Tensor, nn
@@ -29,11 +29,20 @@ from kdkit import functional as KF
 from kdkit._checks import (
     check_attention_p,
     check_jsd_beta,
+    check_logits,
     check_mask,
+    check_skew_alpha,
     check_temperature,
     check_weight,
 )
 from kdkit.attention import RELATIONS, check_num_heads, check_relations, check_same_heads
+from kdkit.chunked import (
+    ChunkSize,
+    RowFunction,
+    check_chunk_size,
+    chunked_rows,
+    fused_linear_rows,
+)
 from kdkit.contract import DistillationLoss
 
 __all__ = [
@@ -43,6 +52,7 @@ __all__ = [
     "DISTLoss",
     "DKDLoss",
     "FitNetsLoss",
+    "FusedLinearJSDLoss",
     "GeneralizedJSDLoss",
     "HintonLoss",
     "KLDivLoss",
@@ -57,6 +67,9 @@ __all__ = [
     "ReverseKLDivLoss",
     "TinyBERTAttentionLoss",
     "SparseKLDivLoss",
+    "SkewKLDivLoss",
+    "SkewReverseKLDivLoss",
+    "TVDLoss",
 ]
 
 HiddenStates = Tensor | Sequence[Tensor]
@@ -92,6 +105,34 @@ def _require_target(loss: nn.Module, target: Tensor | None, call: str) -> Tensor
     return target
 
 
+def _label_mask(
+    loss: nn.Module, ignore_index: int | None, mask: Tensor | None, target: Tensor | None
+) -> Tensor | None:
+    """``mask`` and ``target != ignore_index`` combined; labels without ``ignore_index`` raise."""
+    if target is None:
+        return mask
+    if ignore_index is None:
+        raise ValueError(
+            f"{type(loss).__name__} got target but ignore_index is None, so the labels "
+            "would be ignored; set ignore_index (e.g. -100 for padding) or drop target."
+        )
+    keep = target != ignore_index
+    return keep if mask is None else keep & check_mask(mask, keep.shape, keep.device)
+
+
+def _row_function(
+    formula: Callable[..., Tensor], hyper_parameters: tuple[float, ...]
+) -> RowFunction:
+    """One chunk's per-token values of ``formula`` (0 at dropped tokens), for kdkit.chunked."""
+
+    def rows(student: Tensor, teacher: Tensor, keep: Tensor | None) -> Tensor:
+        return formula(
+            student, teacher, *hyper_parameters, keep, reduction="none", validate_args=False
+        )
+
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # logit losses
 # --------------------------------------------------------------------------------------------
@@ -103,14 +144,25 @@ class _TokenLogitLoss(DistillationLoss):
     ``mask`` (bool, True = keep) and, with ``ignore_index`` set, ``target != ignore_index``
     select the tokens averaged over. Both are keyword-only, so labels can never be taken for a
     mask. ``formula(student, teacher, *hyper_parameters, mask, ...)`` is the functional form.
+
+    With ``chunk_size`` set, token logits ``[B, L, C]`` (of a teacher that needs no gradient) go
+    through :func:`kdkit.chunked.chunked_rows`: ``chunk_size`` tokens at a time, keeping no
+    ``[B, L, C]`` intermediate beyond the student logits' gradient, same values.
     """
 
     takes_mask = True
     formula: ClassVar[staticmethod]
 
-    def __init__(self, ignore_index: int | None = None, *, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        ignore_index: int | None = None,
+        *,
+        reduction: str = "mean",
+        chunk_size: ChunkSize | None = None,
+    ) -> None:
         super().__init__(reduction)
         self.ignore_index = ignore_index
+        self.chunk_size = check_chunk_size(chunk_size, type(self).__name__)
 
     def hyper_parameters(self) -> tuple[float, ...]:
         return ()
@@ -124,31 +176,35 @@ class _TokenLogitLoss(DistillationLoss):
         mask: Tensor | None = None,
         num_items_in_batch: Count = None,
     ) -> Tensor:
+        mask = self._mask(mask, target)
+        if self.chunk_size is not None and student.dim() == 3 and not teacher.requires_grad:
+            check_logits(student, teacher)
+            keep = None if mask is None else check_mask(mask, student.shape[:-1], student.device)
+            rows_of = _row_function(type(self).formula, self.hyper_parameters())
+            rows = chunked_rows(rows_of, student, teacher, keep, self.chunk_size)
+            return self.reduce(rows, keep, num_items_in_batch)
         return type(self).formula(
             student,
             teacher,
             *self.hyper_parameters(),
-            self._mask(mask, target),
+            mask,
             **_options(self, num_items_in_batch),
         )
 
     def _mask(self, mask: Tensor | None, target: Tensor | None) -> Tensor | None:
-        if target is None:
-            return mask
-        if self.ignore_index is None:
-            raise ValueError(
-                f"{type(self).__name__} got target but ignore_index is None, so the labels "
-                "would be ignored; set ignore_index (e.g. -100 for padding) or drop target."
-            )
-        keep = target != self.ignore_index
-        return keep if mask is None else keep & check_mask(mask, keep.shape, keep.device)
+        return _label_mask(self, self.ignore_index, mask, target)
 
 
 class _KLFamilyLoss(_TokenLogitLoss):
     def __init__(
-        self, temperature: float = 1.0, ignore_index: int | None = None, *, reduction: str = "mean"
+        self,
+        temperature: float = 1.0,
+        ignore_index: int | None = None,
+        *,
+        reduction: str = "mean",
+        chunk_size: ChunkSize | None = "auto",
     ) -> None:
-        super().__init__(ignore_index, reduction=reduction)
+        super().__init__(ignore_index, reduction=reduction, chunk_size=chunk_size)
         self.temperature = check_temperature(temperature)
 
     def hyper_parameters(self) -> tuple[float, ...]:
@@ -203,8 +259,9 @@ class GeneralizedJSDLoss(_TokenLogitLoss):
         ignore_index: int | None = None,
         *,
         reduction: str = "mean",
+        chunk_size: ChunkSize | None = "auto",
     ) -> None:
-        super().__init__(ignore_index, reduction=reduction)
+        super().__init__(ignore_index, reduction=reduction, chunk_size=chunk_size)
         self.beta = check_jsd_beta(beta)
         self.temperature = check_temperature(temperature)
 
@@ -213,6 +270,188 @@ class GeneralizedJSDLoss(_TokenLogitLoss):
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class _SkewLoss(_TokenLogitLoss):
+    def __init__(
+        self,
+        alpha: float = 0.1,
+        temperature: float = 1.0,
+        ignore_index: int | None = None,
+        *,
+        reduction: str = "mean",
+        chunk_size: ChunkSize | None = "auto",
+    ) -> None:
+        super().__init__(ignore_index, reduction=reduction, chunk_size=chunk_size)
+        self.alpha = check_skew_alpha(alpha)
+        self.temperature = check_temperature(temperature)
+
+    def hyper_parameters(self) -> tuple[float, ...]:
+        return (self.alpha, self.temperature)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, temperature={self.temperature}, reduction={self.reduction!r}"
+
+
+class SkewKLDivLoss(_SkewLoss):
+    """Skew KL of DistiLLM (Ko et al. 2024, "DistiLLM: Towards Streamlined Distillation for Large
+    Language Models"): ``T^2 * KL(p_t || alpha p_t + (1 - alpha) p_s)``, ``alpha = 0.1`` by
+    default.
+
+    Same inputs as :class:`KLDivLoss`; ``alpha = 0`` is :class:`KLDivLoss`. See
+    :func:`kdkit.functional.skew_kl_div`.
+    """
+
+    formula = staticmethod(KF.skew_kl_div)
+
+
+class SkewReverseKLDivLoss(_SkewLoss):
+    """Skew reverse KL of DistiLLM (Ko et al. 2024): ``T^2 * KL(p_s || alpha p_s + (1 - alpha)
+    p_t)``, ``alpha = 0.1`` by default.
+
+    Same inputs as :class:`KLDivLoss`; ``alpha = 0`` is :class:`ReverseKLDivLoss`. See
+    :func:`kdkit.functional.skew_reverse_kl_div`.
+    """
+
+    formula = staticmethod(KF.skew_reverse_kl_div)
+
+
+class TVDLoss(_KLFamilyLoss):
+    """Total variation distance ``0.5 * sum_c |p_t,c - p_s,c|`` per token (as in DistiLLM, Ko et
+    al. 2024, and Wen et al. 2023, "f-Divergence Minimization for Sequence-Level Knowledge
+    Distillation"), not scaled by ``T^2``.
+
+    Same inputs as :class:`KLDivLoss`. See :func:`kdkit.functional.tvd`.
+    """
+
+    formula = staticmethod(KF.tvd)
+
+
+class FusedLinearJSDLoss(DistillationLoss):
+    """Generalized JSD (GKD, Agarwal et al. 2024; TRL's convention, as
+    :class:`GeneralizedJSDLoss`) of the logits ``x_s W_s^T`` and ``x_t W_t^T``, computed from the
+    hidden states and the lm_head weights without ever holding the ``[N, V]`` logits.
+
+    ``loss(student_input, student_weight, teacher_input, teacher_weight, labels=None, *,
+    mask=None, num_items_in_batch=None)``: hidden states ``[N, H]`` or ``[B, L, H]`` and weights
+    ``[V, H]`` (``H`` may differ between student and teacher, ``V`` may not). ``beta = 0`` is
+    forward KL, ``1`` reverse KL; values equal ``GeneralizedJSDLoss(beta, temperature,
+    ignore_index)`` on the full logits. ``labels`` (aligned with the rows: shift them before, as
+    for the logits) equal to ``ignore_index``, and ``mask``, drop tokens; ``"mean"`` divides by
+    the kept count or ``num_items_in_batch``.
+
+    The logits are computed ``chunk_size`` rows at a time and the gradients w.r.t.
+    ``student_input`` and ``student_weight`` are taken in that same loop (Liger-Kernel's
+    fused-linear scheme), so nothing is recomputed in the backward and the extra memory is one
+    chunk's logits plus the weight's gradient. The teacher side gets no gradient. There is no
+    ``reduction="none"``: the weight's gradient is summed over the tokens in the forward, before
+    per-token weights could reach it.
+
+    Why kdkit's own rather than Liger's ``LigerFusedLinearJSD`` or TRL's: Liger's is Triton
+    (CUDA/ROCm/XPU only, not CPU), has no token mask or ``num_items_in_batch``, and leaves out the
+    ``T^2`` factor; both use their own JSD, while this one runs kdkit's
+    :func:`kdkit.functional.generalized_jsd` per chunk: exact endpoints, masked vocabularies,
+    float32 math for half-precision inputs and NaN-safe dropped tokens, the same values as every
+    other kdkit token loss.
+    """
+
+    takes_mask = True
+
+    def __init__(
+        self,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        ignore_index: int | None = -100,
+        chunk_size: ChunkSize = "auto",
+        *,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction)
+        if reduction == "none":
+            raise ValueError(
+                "FusedLinearJSDLoss: reduction='none' is not available: the lm_head weight's "
+                "gradient is summed over the tokens during the forward, before per-token weights "
+                "could reach it; use reduction='mean' or 'sum', or GeneralizedJSDLoss on logits"
+            )
+        self.beta = check_jsd_beta(beta)
+        self.temperature = check_temperature(temperature)
+        self.ignore_index = ignore_index
+        chunk_size = check_chunk_size(chunk_size, "FusedLinearJSDLoss")
+        if chunk_size is None:
+            raise ValueError(
+                "FusedLinearJSDLoss: chunk_size must be a positive number of token rows, got "
+                "None; without chunks use GeneralizedJSDLoss on the logits"
+            )
+        self.chunk_size = chunk_size
+
+    def forward(
+        self,
+        student_input: Tensor,
+        student_weight: Tensor,
+        teacher_input: Tensor,
+        teacher_weight: Tensor,
+        labels: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        num_items_in_batch: Count = None,
+    ) -> Tensor:
+        _check_lm_heads(student_input, student_weight, teacher_input, teacher_weight)
+        tokens = student_input.shape[:-1]
+        mask = _label_mask(self, self.ignore_index, mask, labels)
+        keep = None if mask is None else check_mask(mask, tokens, student_input.device).reshape(-1)
+        if self.reduction == "sum":
+            denominator: float | Tensor = 1.0
+        elif num_items_in_batch is not None:
+            denominator = num_items_in_batch
+        elif keep is not None:
+            denominator = keep.sum().clamp(min=1)
+        else:
+            denominator = float(max(tokens.numel(), 1))
+        return fused_linear_rows(
+            _row_function(KF.generalized_jsd, (self.beta, self.temperature)),
+            student_input.reshape(-1, student_input.shape[-1]),
+            student_weight,
+            teacher_input.reshape(-1, teacher_input.shape[-1]),
+            teacher_weight,
+            keep,
+            self.chunk_size,
+            denominator,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"beta={self.beta}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
+            f"chunk_size={self.chunk_size}, reduction={self.reduction!r}"
+        )
+
+
+def _check_lm_heads(
+    student_input: Tensor, student_weight: Tensor, teacher_input: Tensor, teacher_weight: Tensor
+) -> None:
+    """Hidden states ``[N, H]`` / ``[B, L, H]`` with the same tokens; weights ``[V, H]``."""
+    for side, hidden, weight in (
+        ("student", student_input, student_weight),
+        ("teacher", teacher_input, teacher_weight),
+    ):
+        if hidden.dim() not in (2, 3) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise ValueError(
+                f"FusedLinearJSDLoss: {side}_input has shape {tuple(hidden.shape)} and "
+                f"{side}_weight {tuple(weight.shape)}; expected hidden states [N, H] or [B, L, H] "
+                f"and the lm_head weight [V, H] with the same H (nn.Linear's weight layout)"
+            )
+    if student_input.shape[:-1] != teacher_input.shape[:-1]:
+        raise ValueError(
+            f"FusedLinearJSDLoss: student_input {tuple(student_input.shape)} and teacher_input "
+            f"{tuple(teacher_input.shape)} cover different tokens; both models must see the same "
+            "batch (the hidden sizes H may differ)"
+        )
+    if student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(
+            f"FusedLinearJSDLoss: the student's lm_head has {student_weight.shape[0]} rows (its "
+            f"vocabulary) but the teacher's has {teacher_weight.shape[0]}; token distillation "
+            "needs one vocabulary: slice the padded rows off the larger head "
+            "(weight[:vocab_size]) or use models with the same tokenizer"
+        )
 
 
 class MSELogitsLoss(_TokenLogitLoss):
