@@ -481,6 +481,12 @@ class SparseKLDivLoss(_KLFamilyLoss):
 
     formula = staticmethod(KF.sparse_kl_div)
 
+    def __init__(
+        self, temperature: float = 1.0, ignore_index: int | None = None, *, reduction: str = "mean"
+    ) -> None:
+        # The teacher is (values, indices, log_tail), not logits: the chunked path does not apply.
+        super().__init__(temperature, ignore_index, reduction=reduction, chunk_size=None)
+
 
 class CrossEntropyLoss(DistillationLoss):
     """``mean_{i: y_i >= 0} -log softmax(z_i)[y_i]``: the hard-label "student loss".
