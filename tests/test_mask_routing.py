@@ -140,5 +140,6 @@ def test_from_config_without_context_names_the_context():
             "student": {"feature_layers": ["layer"]},
             "teacher": {"feature_layers": ["layer"]},
         },
+        example_input=_batch()[0],
     )
     assert distiller.terms["hidden"].student == ["layer"]
