@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -23,10 +25,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 __all__ = [
+    "INPUT_MARKER",
+    "OUTPUT_PREFIX",
+    "Address",
     "FeatureCapture",
     "Selector",
     "list_modules",
     "map_layers",
+    "parse_address",
     "probe_shapes",
     "resolve_module",
     "select_tensor",
@@ -80,8 +86,130 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
     raise ValueError(
         f"no module at path '{path}' in {type(model).__name__} ({hint}). "
         f"Use a dotted path of submodule names; kdkit.capture.list_modules(model) lists all "
-        f"{len(names)} of them."
+        f"{len(names)} of them. A field of the model's output needs no module: "
+        f"{', '.join(OUTPUT_FIELDS)}."
     )
+
+
+# --------------------------------------------------------------------------------------------
+# addresses: what a term reads
+# --------------------------------------------------------------------------------------------
+
+OUTPUT_PREFIX = "output."
+"""An address starting with this names a field of the model's output, not a module."""
+INPUT_MARKER = ":input"
+"""Appended to a module path, the address reads the module's input instead of its output."""
+OUTPUT_FIELDS = (
+    "output.hidden_states[i] (hidden_states[0] is the embedding output)",
+    "output.attentions[i] (eager attention only)",
+    "output.last_hidden_state",
+    "output.logits",
+)
+_ADDRESS = re.compile(r"^(?P<base>[^\[\]:]*)(?P<input>:input)?(?P<items>(?:\[[^\]]*\])*)$")
+_ITEM = re.compile(r"""\[\s*(?:(?P<int>-?\d+)|"(?P<dq>[^"]*)"|'(?P<sq>[^']*)')\s*\]""")
+_FLAGS = {"hidden_states": "output_hidden_states", "attentions": "output_attentions"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    """What a term reads, parsed once from its text (see :func:`parse_address`).
+
+    ``module`` is the dotted module path (None for a field of the model's output), ``field`` the
+    output field (None for a module), ``input`` whether the module's input is read, and
+    ``items`` the indices / keys taken from that value in turn.
+    """
+
+    text: str
+    module: str | None
+    field: str | None
+    input: bool
+    items: tuple[int | str, ...]
+
+    @property
+    def output_flag(self) -> str | None:
+        """The Hugging Face call argument this address needs (``output_hidden_states`` /
+        ``output_attentions``), or None."""
+        return _FLAGS.get(self.field or "")
+
+    def pick(self, value: Any) -> Tensor:
+        """The tensor this address names inside a module's output (or input, or the model's
+        output field)."""
+        for item in self.items:
+            try:
+                if isinstance(item, str) and not isinstance(value, Mapping):
+                    value = getattr(value, item)
+                else:
+                    value = value[item]
+            except (IndexError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(
+                    f"address {self.text!r}: cannot take [{item!r}] out of {_describe(value)} "
+                    f"({err}); use an index or key the value has."
+                ) from None
+        return _checked(value, value, self.text)
+
+    def read_output(self, output: Any) -> Tensor:
+        """The field this address names in a model's ``output``."""
+        field = self.field or ""
+        value = output.get(field) if isinstance(output, Mapping) else getattr(output, field, None)
+        if value is None or (isinstance(value, (tuple, list)) and not value):
+            why = ""
+            if field == "attentions":
+                why = (
+                    " With the default sdpa (or flash) attention a Hugging Face model returns no "
+                    "attention probabilities: load it with attn_implementation='eager' "
+                    "(model.set_attn_implementation('eager')), or read the query/key projections "
+                    "(...attention.self.query / .key) with a transformer attention loss."
+                )
+            flag = self.output_flag
+            ask = (
+                f" (the Distiller passes {flag}=True to models whose forward takes it)"
+                if flag
+                else ""
+            )
+            raise ValueError(
+                f"address {self.text!r}: the model's output ({_describe(output)}) has no "
+                f"{field!r}{ask}.{why}"
+            )
+        return self.pick(value)
+
+
+def parse_address(text: str) -> Address:
+    """Parse what a term reads. One syntax for all:
+
+    * ``"bert.encoder.layer.3"``: the output of the module at that dotted path (a tuple / dict
+      output gives its first tensor, as :func:`select_tensor` does);
+    * ``"bert.encoder.layer.3.attention.self[1]"``, ``'encoder["key"]'``: an item of that
+      module's output (indices and keys may be chained: ``"m[0][1]"``);
+    * ``"bert.encoder.layer.3:input"`` (:data:`INPUT_MARKER`): the module's input (its first
+      positional argument; ``":input[1]"`` the second, ``':input["hidden_states"]'`` a keyword);
+    * ``"output.hidden_states[2]"``, ``"output.attentions[-1]"`` (:data:`OUTPUT_PREFIX`): a
+      field of the model's own output, no hook needed. Indices follow Hugging Face:
+      ``hidden_states[0]`` is the embedding output and ``hidden_states[i]`` layer ``i - 1``'s
+      (0-based), ``attentions[i]`` layer ``i``'s probabilities ``[B, H, L, L]``.
+    """
+    if not isinstance(text, str):
+        raise TypeError(
+            f"a term reads a str address like 'layer3.1.conv2', 'm.attention.self[1]' or "
+            f"'output.hidden_states[2]', got {type(text).__name__}: {text!r}"
+        )
+    match = _ADDRESS.match(text)
+    items_text = match["items"] if match else ""
+    items = [m for m in _ITEM.finditer(items_text)] if match else []
+    if match is None or "".join(m[0] for m in items) != items_text:
+        raise ValueError(
+            f"cannot parse address {text!r}; use a module path ('encoder.layer.3'), an item of "
+            "its output ('encoder.layer.3.attention.self[1]', 'm[\"key\"]'), its input "
+            f"('encoder.layer.3{INPUT_MARKER}') or an output field ('output.hidden_states[2]')."
+        )
+    keys = tuple(int(m["int"]) if m["int"] is not None else m["dq"] or m["sq"] or "" for m in items)
+    base = match["base"]
+    if base.startswith(OUTPUT_PREFIX):
+        if match["input"]:
+            raise ValueError(
+                f"address {text!r}: {INPUT_MARKER} applies to modules, not to output fields."
+            )
+        return Address(text, None, base[len(OUTPUT_PREFIX) :], False, keys)
+    return Address(text, base, None, bool(match["input"]), keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,30 +470,93 @@ def _register(
 
 
 class StepCapture:
-    """The outputs of fixed modules of ``model`` during one call at a time (what a training step
-    reads): ``output, features = capture(fn, *args)``.
+    """What fixed addresses of ``model`` read during one call at a time (what a training step
+    reads): ``output, features = capture(forward, inputs)``.
 
-    The paths are resolved once, here. Each call registers one plain forward hook per module,
-    runs ``fn(*args)`` and removes the hooks again (also when it raises), so the model carries
-    no hooks between calls. ``features`` is a fresh ``{path: tensor}`` (not detached; a module
-    called several times keeps its last call). Lighter per call than a :class:`FeatureCapture`,
-    which also serves long-lived captures (a pre-hook emptying its store, a finalizer).
+    The addresses (:func:`parse_address`) are parsed and their modules resolved once, here.
+    Each call registers one plain hook per module address, runs ``forward`` on ``inputs`` (a
+    tensor, a tuple of positional arguments or a dict of keyword arguments), removes the hooks
+    again (also when it raises), and reads the output-field addresses from the output; the
+    model carries no hooks between calls. When an address reads ``output.hidden_states`` or
+    ``output.attentions`` and ``model.forward`` takes ``output_hidden_states`` /
+    ``output_attentions``, the call passes them as True (``call_kwargs``). ``features`` is a
+    fresh ``{address: tensor}`` (not detached; a module called several times keeps its last
+    call). Lighter per call than a :class:`FeatureCapture`, which also serves long-lived
+    captures (a pre-hook emptying its store, a finalizer).
     """
 
-    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
-        self.modules = [(path, resolve_module(model, path)) for path in paths]
+    def __init__(self, model: nn.Module, addresses: Sequence[str]) -> None:
+        parsed = [parse_address(a) for a in addresses]
+        self.modules = [
+            (a.text, resolve_module(model, a.module), a.pick if a.items else None, a.input)
+            for a in parsed
+            if a.module is not None
+        ]
+        self.fields = [a for a in parsed if a.field is not None]
+        check_attention_output(model, self.fields)
+        accepted = _keywords(model)
+        self.call_kwargs = {
+            flag: True
+            for flag in dict.fromkeys(a.output_flag for a in self.fields)
+            if flag is not None and (accepted is None or flag in accepted)
+        }
 
-    def __call__(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, dict[str, Tensor]]:
+    def __call__(self, forward: Callable[..., Any], inputs: Any) -> tuple[Any, dict[str, Tensor]]:
         features: dict[str, Tensor] = {}
         handles = [
-            module.register_forward_hook(_Capture(features, path, None, "output"))
-            for path, module in self.modules
+            module.register_forward_pre_hook(
+                _Capture(features, text, selector, "input"), with_kwargs=True
+            )
+            if reads_input
+            else module.register_forward_hook(_Capture(features, text, selector, "output"))
+            for text, module, selector, reads_input in self.modules
         ]
         try:
-            return fn(*args), features
+            output = call_with(forward, inputs, self.call_kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+        for address in self.fields:
+            features[address.text] = address.read_output(output)
+        return output, features
+
+
+def call_with(forward: Callable[..., Any], inputs: Any, kwargs: Mapping[str, Any]) -> Any:
+    """``forward(x, **kwargs)``, ``forward(*x, **kwargs)`` for a tuple/list, ``forward(**x,
+    **kwargs)`` for a mapping."""
+    if isinstance(inputs, Mapping):
+        return forward(**inputs, **kwargs)
+    if isinstance(inputs, (tuple, list)):
+        return forward(*inputs, **kwargs)
+    return forward(inputs, **kwargs)
+
+
+def check_attention_output(model: nn.Module, fields: Sequence[Address]) -> None:
+    """Refuse, at construction, to read ``output.attentions`` of a Hugging Face model whose
+    attention implementation returns no probabilities (sdpa, flash)."""
+    if not any(a.field == "attentions" for a in fields):
+        return
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in (None, "eager"):
+        raise ValueError(
+            f"a term reads output.attentions of {type(model).__name__}, whose attention "
+            f"implementation is {impl!r}: it returns no attention probabilities (only eager "
+            "attention does). Load the model with attn_implementation='eager' (or call "
+            "model.set_attn_implementation('eager')), or read the query/key projections "
+            "(...attention.self.query / .key) with a transformer attention loss, which works "
+            "with any implementation."
+        )
+
+
+def _keywords(model: nn.Module) -> set[str] | None:
+    """The keyword names ``model.forward`` takes; None when it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +574,9 @@ def probe_shapes(
 ) -> dict[str, torch.Size]:
     """Run one dry forward of ``model`` and return ``{path: feature shape}``.
 
+    Without ``selector`` and ``capture``, ``paths`` may be any addresses (:func:`parse_address`:
+    ``"m[1]"``, ``"m:input"``, ``"output.hidden_states[2]"``).
+
     ``example_input`` is a Tensor (``model(x)``), a tuple/list (``model(*x)``) or a dict
     (``model(**x)``). The forward runs under ``torch.no_grad()`` in eval mode, so BatchNorm
     running statistics are not updated and Dropout is off; every submodule's train/eval flag is
@@ -394,15 +588,13 @@ def probe_shapes(
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with FeatureCapture(model, paths, selector=selector, capture=capture) as cap:
-            with torch.no_grad():
-                if isinstance(example_input, Mapping):
-                    model(**example_input)
-                elif isinstance(example_input, (tuple, list)):
-                    model(*example_input)
-                else:
-                    model(example_input)
-            features = cap.features
+        with torch.no_grad():
+            if selector is None and capture == "output":  # any address (parse_address)
+                features = StepCapture(model, paths)(model, example_input)[1]
+            else:
+                with FeatureCapture(model, paths, selector=selector, capture=capture) as cap:
+                    call_with(model, example_input, {})
+                    features = cap.features
     finally:
         for module, training in modes:
             module.training = training
@@ -430,7 +622,14 @@ def map_layers(
 ) -> list[tuple[str, str]]:
     """Pair student layers with teacher layers for layer-wise (hidden-state) distillation.
 
-    Patterns are formatted with ``{i}`` = 0-based layer index, e.g. ``"encoder.layer.{i}"``.
+    Patterns are addresses (:func:`parse_address`) formatted with ``{i}`` = the 0-based layer
+    index, e.g. ``"encoder.layer.{i}"`` (module outputs), except in a pattern reading
+    ``output.hidden_states``, where ``{i}`` is the Hugging Face index of that layer's output,
+    the layer index + 1 (``hidden_states[0]`` is the embedding output):
+    ``map_layers("output.hidden_states[{i}]", "output.hidden_states[{i}]", 2, 4)`` gives
+    ``[("output.hidden_states[1]", "output.hidden_states[2]"), ("output.hidden_states[2]",
+    "output.hidden_states[4]")]``: the outputs of student layers 0, 1 and teacher layers 1, 3.
+    ``output.attentions[{i}]`` is indexed by layer, as module paths are.
     With ``n`` student layers and ``N`` teacher layers:
 
     * ``"uniform"`` (TinyBERT's uniform mapping, Jiao et al. 2020): with 1-indexed layers,
@@ -492,7 +691,15 @@ def map_layers(
             pairs = [(j, big_n - n + j) for j in range(n - 1)]
     else:
         raise ValueError(f"strategy must be one of 'uniform', 'skip', 'last', got {strategy!r}")
-    return [(student_pattern.format(i=s), teacher_pattern.format(i=t)) for s, t in pairs]
+    s_off, t_off = _hidden_offset(student_pattern), _hidden_offset(teacher_pattern)
+    return [
+        (student_pattern.format(i=s + s_off), teacher_pattern.format(i=t + t_off)) for s, t in pairs
+    ]
+
+
+def _hidden_offset(pattern: str) -> int:
+    """1 for a pattern reading ``output.hidden_states`` (index 0 is the embeddings), else 0."""
+    return int(pattern.startswith(f"{OUTPUT_PREFIX}hidden_states"))
 
 
 def pair_layers(

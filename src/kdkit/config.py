@@ -14,6 +14,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from kdkit.capture import pair_layers
 from kdkit.term import Term
@@ -86,7 +87,16 @@ def terms_from_config(distill: DictConfig) -> dict[str, Term]:
     for name, node in terms_cfg.items():
         if node is None:
             continue
-        term = instantiate(node, _convert_="all")
+        try:
+            term = instantiate(node, _convert_="all")
+        except InterpolationKeyError as err:
+            raise ValueError(
+                f"distill.terms.{name} interpolates a key that is not set "
+                f"({str(err).splitlines()[0]}); pass what it needs as context, e.g. "
+                "Distiller.from_config(student, teacher, method, context={'student': "
+                "{'feature_layers': [...]}, 'teacher': {'feature_layers': [...]}}) (kdkit "
+                "distill: student.feature_layers=[...] teacher.feature_layers=[...])."
+            ) from None
         if not isinstance(term, Term):
             raise TypeError(
                 f"distill.terms.{name} built a {type(term).__name__}; each term needs "

@@ -8,6 +8,7 @@ in :mod:`kdkit.teachers`.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,10 @@ from kdkit.term import (
     name_terms,
 )
 
-__all__ = ["LOGITS", "Distiller", "DistillerOutput", "Term"]
+__all__ = ["LOGITS", "MASK_KEYS", "Distiller", "DistillerOutput", "Term"]
+
+MASK_KEYS = ("attention_mask", "input_mask")
+"""The keys of a dict batch read as its token mask when none is given, the first present."""
 
 
 class Distiller(DistillationHooks, nn.Module):
@@ -45,10 +49,18 @@ class Distiller(DistillationHooks, nn.Module):
     ``index``), runs the student (capturing the features its terms read), and returns a
     :class:`DistillerOutput` with ``loss = Σ weight_i · term_i``.
 
-    The teacher is frozen and not copied: its parameters get ``requires_grad=False`` and it is
-    put in eval mode (and in channels_last with ``channels_last=True``) in place; eval mode is
-    re-asserted on every forward. It is not a registered submodule, so it is not in
-    ``parameters()``, not in ``state_dict()`` and not wrapped by DDP; ``.to()`` still moves it.
+    The teacher is not copied (an LLM-sized teacher stays one object in memory), so what the
+    Distiller does to it, it does to your object, in place: ``requires_grad_(False)`` on all its
+    parameters and ``eval()`` at construction (eval mode is re-asserted on every forward),
+    ``to(memory_format=torch.channels_last)`` with ``channels_last=True``, and
+    ``distiller.to(...)`` / ``.cuda()`` / ``.half()`` move and cast it with the student. Nothing
+    else: its weights are never written. It is not a registered submodule, so it is not in
+    ``parameters()``, not in ``state_dict()`` and not wrapped by DDP.
+
+    Learned parts of the Distiller (adapters, learnable loss mappings such as
+    ``MSEHiddenStatesLoss(need_mapping=True)``) are in ``distiller.parameters()``, besides the
+    student's: an optimizer over ``student.parameters()`` alone leaves them untrained. Give
+    the optimizer ``distiller.parameters()``, or add ``distiller.extra_parameters()`` as a group.
 
     With several teachers, logit terms see the weighted average of the teachers' softened
     probabilities at the term's temperature (:meth:`kdkit.teachers.Teachers.ensemble`).
@@ -77,6 +89,18 @@ class Distiller(DistillationHooks, nn.Module):
         compile: ``torch.compile`` the student's and teachers' forwards (logit terms only:
             per-step feature hooks would force recompiles). ``distiller.student`` stays the
             plain module.
+        mask_keys: for a dict batch called without ``mask=``, the keys whose value is taken as
+            the token mask, the first present (Hugging Face's ``attention_mask``, then BERT's
+            original ``input_mask``); ``()`` turns the lookup off.
+        teacher_inputs: for a dict batch, the teacher's keyword arguments taken from other
+            batch keys, ``{teacher argument: batch key}``, e.g. ``{"token_type_ids":
+            "segment_ids", "attention_mask": "input_mask"}`` for a batch in BERT's original
+            names and a Hugging Face teacher.
+        teacher_drop_keys: keys of a dict batch the teacher is not given (default the labels:
+            a Hugging Face teacher given ``labels`` would compute a loss nobody reads).
+        loss_weights: ``[student_weight, distill_weight]``, as Intel Neural Compressor's: the
+            hooks API's ``on_after_compute_loss`` returns ``student_weight · student_loss +
+            distill_weight · Σ weight_i · term_i`` (default ``[1, 1]``).
         logits, teacher_logits: deprecated names of ``logits_selector`` and
             ``teacher_logits_selector`` (they warn; removed in the next release).
     """
@@ -96,6 +120,10 @@ class Distiller(DistillationHooks, nn.Module):
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        mask_keys: Sequence[str] = MASK_KEYS,
+        teacher_inputs: Mapping[str, str] | None = None,
+        teacher_drop_keys: Sequence[str] = ("labels",),
+        loss_weights: Sequence[float] | None = None,
         logits: Selector = None,
         teacher_logits: Selector = None,
     ) -> None:
@@ -140,6 +168,11 @@ class Distiller(DistillationHooks, nn.Module):
         self.adapters = build_adapters(self._bound, student, self.teachers, example_input)
         self.epoch = 0
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
+        # Looked up only when a term takes a mask, so other steps pay nothing for it.
+        self.mask_keys = tuple(mask_keys) if any(b.gets_mask for b in self._bound) else ()
+        self.teacher_inputs = dict(teacher_inputs or {})
+        self.teacher_drop_keys = frozenset(teacher_drop_keys)
+        self.loss_weights = _check_loss_weights(loss_weights)
         if channels_last:
             student.to(memory_format=torch.channels_last)
         # A plain attribute, not a submodule: a second registration would duplicate the
@@ -161,6 +194,11 @@ class Distiller(DistillationHooks, nn.Module):
         ``config`` is a shipped method name (``"kd"``, ``"dkd"``, ``"at"``, ...), a YAML file
         or a mapping with a ``terms`` mapping of ``_target_: kdkit.Term`` configs (see
         :mod:`kdkit.config`); ``options`` are the other keyword arguments of ``Distiller``.
+        ``context`` holds what the config's terms interpolate outside it: the feature methods
+        (``"fitnets"``, ``"mse_hidden"``, ``"at"``, ...) read the layers to compare from
+        ``context={"student": {"feature_layers": [...]}, "teacher": {"feature_layers":
+        [...]}}`` (addresses, see :class:`Term`; lists of unequal length are paired by
+        :func:`kdkit.capture.pair_layers`).
         """
         # Imported here so that `import kdkit` does not import Hydra (kdkit.config imports only
         # kdkit.term from the core, so this is no circle).
@@ -191,21 +229,24 @@ class Distiller(DistillationHooks, nn.Module):
             index: sample indices, to read a teacher-output cache.
             epoch: which cached view to read (defaults to the epoch counted by on_epoch_end).
             mask: for token logits ``[B, L, C]`` and token states ``[B, L, D]``, which tokens
-                count (bool ``[B, L]``, e.g. the attention mask); handed to every term whose
-                loss takes a mask (``takes_mask``, or ``Term(mask=True)``).
+                count (``[B, L]``, True / 1 = keep, e.g. the attention mask); handed to every
+                term whose loss takes a mask and whose student tensor is token-level (see
+                :class:`Term`'s ``mask``). None: a dict batch's ``mask_keys`` entry, if any.
             num_items_in_batch: the denominator of the mean for every per-sample term, in place
                 of this call's kept count, e.g. the kept tokens of all gradient-accumulation
                 steps of a batch, so that the accumulated gradient equals the whole batch's.
         """
         if self.channels_last:
             inputs = to_channels_last(inputs)
+        if mask is None:
+            mask = self.batch_mask(inputs)
         # Teacher first, as a hand-written loop does: measured ~5% faster per step on CPU than
         # running it after the student (benchmarks/overhead.py).
         teacher = self.teacher_outputs(
             inputs, teacher_output=teacher_output, index=index, epoch=epoch
         )
         if self._student_feature_paths:
-            student_output, features = self._student_capture(call_model, self.student, inputs)
+            student_output, features = self._student_capture(self.student, inputs)
         else:
             student_output, features = call_model(self._student_fn, inputs), {}
         return self.compute_loss(
@@ -228,6 +269,8 @@ class Distiller(DistillationHooks, nn.Module):
         """What the terms read from the teacher(s) for this batch (nothing when no term does)."""
         if not self._reads_teacher:
             return TeacherOutputs([], [])
+        if isinstance(inputs, Mapping) and teacher_output is None:
+            inputs = self._teacher_batch(inputs)
         return self.teacher_side.outputs(
             inputs,
             teacher_output=teacher_output,
@@ -265,7 +308,35 @@ class Distiller(DistillationHooks, nn.Module):
             self._check_finite(total, values)
         return DistillerOutput(total, values, student_output, logits, teacher.logits)
 
+    def batch_mask(self, inputs: Any) -> Tensor | None:
+        """The token mask of a dict batch: the value of the first of ``mask_keys`` it holds."""
+        if self.mask_keys and isinstance(inputs, Mapping):
+            for key in self.mask_keys:
+                if key in inputs:
+                    return inputs[key]
+        return None
+
+    def _teacher_batch(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """A dict batch as the teacher's keyword arguments: dropped keys out, renamed keys in."""
+        batch = {k: v for k, v in inputs.items() if k not in self.teacher_drop_keys}
+        for argument, key in self.teacher_inputs.items():
+            if key not in batch:
+                raise ValueError(
+                    f"teacher_inputs maps the teacher's {argument!r} to batch key {key!r}, which "
+                    f"this batch lacks (it has {sorted(inputs)}); fix the mapping."
+                )
+            batch[argument] = batch.pop(key)
+        return batch
+
     # ----------------------------------------------------------------------------- module API
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """The Distiller's learned parameters that are not the student's: its adapters and the
+        learnable parts of its losses. Train them with the student, e.g.
+        ``torch.optim.AdamW([{"params": student.parameters()}, {"params":
+        distiller.extra_parameters()}])`` (or simply over ``distiller.parameters()``)."""
+        own = {id(p) for p in self.student.parameters()}
+        return [p for p in self.parameters() if id(p) not in own]
+
     @property
     def check_finite_every(self) -> int:
         """Steps between reads of the NaN/Inf flags on an accelerator."""
@@ -300,6 +371,21 @@ class Distiller(DistillationHooks, nn.Module):
         for t in self.teacher_side.modules:
             t._apply(fn, recurse)
         return super()._apply(fn, recurse)
+
+
+def _check_loss_weights(weights: Sequence[float] | None) -> tuple[float, float]:
+    if weights is None:
+        return (1.0, 1.0)
+    w = tuple(weights)
+    if len(w) != 2 or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in w
+    ):
+        raise ValueError(
+            f"loss_weights={weights!r}; give [student_weight, distill_weight], two finite "
+            "numbers >= 0 (Intel Neural Compressor's loss_weights, e.g. [0.5, 0.5])."
+        )
+    return (float(w[0]), float(w[1]))
 
 
 def _renamed(old: str, old_value: Selector, new: str, new_value: Selector) -> Selector:

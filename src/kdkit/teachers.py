@@ -120,7 +120,7 @@ class OnlineTeachers(TeacherSource):
                 teacher.eval()
             with torch.no_grad(), self._autocast(inputs):
                 if self.feature_paths[k]:
-                    output, captured = self._captures[k](call_model, teacher, inputs)
+                    output, captured = self._captures[k](teacher, inputs)
                 else:
                     output, captured = call_model(self._forwards[k], inputs), {}
             features.append(captured)

@@ -18,8 +18,9 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 
 from kdkit.adapters import ADAPTER_KINDS, build_adapter, probe_shapes
-from kdkit.capture import resolve_module
+from kdkit.capture import parse_address, resolve_module
 from kdkit.contract import DistillationLoss
+from kdkit.losses import AttentionLoss
 
 LOGITS = "logits"
 
@@ -46,18 +47,27 @@ class Term:
     Args:
         loss: a :class:`~kdkit.contract.DistillationLoss` or any callable returning a scalar.
         weight: the term's weight in the total loss (>= 0). The other fields are keyword-only.
-        student: ``"logits"`` or a module path (or a list of paths) of the student to read.
-        teacher: ``"logits"``, a module path (or list of paths) of the teacher, or None for a term
+        student: ``"logits"`` or an address (or a list of them) of what the student's term
+            reads: a module path (``"bert.encoder.layer.3"``), an item of that module's output
+            (``"...attention.self[1]"``, ``'...["key"]'``), the module's input
+            (``"bert.encoder.layer.3:input"``) or a field of the model's output
+            (``"output.hidden_states[2]"``, Hugging Face indices; ``"output.attentions[-1]"``).
+            See :func:`kdkit.capture.parse_address`.
+        teacher: ``"logits"``, an address (or list of them) of the teacher, or None for a term
             that only reads the student and the labels (e.g. cross-entropy on hard labels).
         name: the key under which the term is logged; derived from the loss class when None.
         adapter: ``None`` (features are compared as they are), ``"identity"``, ``"linear"``,
             ``"conv"`` or ``"auto"``: a learned student-side projection to the teacher's shape.
             Anything but None or identity needs ``example_input`` on the Distiller to probe shapes.
-        target: whether the loss also takes the labels; defaults to ``loss.needs_target``.
+        target: whether the loss also takes the labels; defaults to ``loss.needs_target``, or
+            True for a kdkit loss with ``ignore_index`` set (then a step without labels is
+            refused, since the ignored tokens would count).
         teacher_index: which teacher a feature term reads when there are several (default 0).
-        mask: whether the term gets the step's token ``mask=``; None follows the loss's
-            ``takes_mask``, False opts out, True asks for it (refused for a loss that declares
-            ``takes_mask = False``).
+        mask: whether the term gets the step's token ``mask=`` (``[B, L]``); None: when the
+            loss ``takes_mask`` and the student tensor it reads is token-level (leading dims
+            ``[B, L]``, or an attention map ``[B, H, L, L]``), so sequence-level terms (``[B, C]``
+            logits) never get it; False opts out; True always hands it over (refused for a loss
+            that declares ``takes_mask = False``).
     """
 
     loss: Callable[..., Tensor]
@@ -180,7 +190,8 @@ class BoundTerm:
             student, teacher = self._features(step, adapters)
         kwargs: dict[str, Any] = {}
         if self.gets_mask and step.mask is not None:
-            kwargs["mask"] = step.mask
+            if self.term.mask or _fits(step.mask, student):
+                kwargs["mask"] = step.mask
         if step.num_items_in_batch is not None:
             if self.gets_num_items:
                 kwargs["num_items_in_batch"] = step.num_items_in_batch
@@ -194,10 +205,7 @@ class BoundTerm:
         args = [student, teacher] if self.reads_teacher else [student]
         if self.reads_target:
             if step.target is None:
-                raise ValueError(
-                    f"term {self.name!r} reads labels but target is None; call "
-                    "distiller(inputs, target)."
-                )
+                raise ValueError(self._no_target())
             if self.reads_teacher:
                 kwargs["target"] = step.target
             else:
@@ -206,6 +214,19 @@ class BoundTerm:
             return self.loss(*args, **kwargs)
         except ValueError as e:
             raise ValueError(f"term {self.name!r}: {e}") from e
+
+    def _no_target(self) -> str:
+        ignore_index = getattr(self.loss, "ignore_index", None)
+        if self.term.target is None and ignore_index is not None:
+            return (
+                f"term {self.name!r}: {type(self.loss).__name__} has ignore_index="
+                f"{ignore_index}, which drops the tokens whose label is {ignore_index}, but "
+                "target is None; call distiller(inputs, target) (a dict batch: target=batch"
+                "['labels']), or set ignore_index=None to average over every token."
+            )
+        return (
+            f"term {self.name!r} reads labels but target is None; call distiller(inputs, target)."
+        )
 
     def _features(self, step: StepInputs, adapters: Mapping[str, nn.Module]) -> tuple[Any, Any]:
         k = self.term.teacher_index
@@ -298,7 +319,7 @@ def feature_paths(bound: Sequence[BoundTerm]) -> tuple[list[str], dict[int, list
 
 
 def check_paths(bound: Sequence[BoundTerm], student: nn.Module, teachers: list[nn.Module]) -> None:
-    """Every module path a term reads exists (the error lists close names), and every feature
+    """Every module a term's addresses read exists (the error lists close names), and every feature
     term's ``teacher_index`` names a teacher."""
     n = max(len(teachers), 1)
     for b in bound:
@@ -309,9 +330,15 @@ def check_paths(bound: Sequence[BoundTerm], student: nn.Module, teachers: list[n
                 f"index in 0..{n - 1}."
             )
         for sp, tp, _ in b.layers:
-            resolve_module(student, sp)
+            _resolve(student, sp)
             if teachers:
-                resolve_module(teachers[k], tp)
+                _resolve(teachers[k], tp)
+
+
+def _resolve(model: nn.Module, address: str) -> None:
+    module = parse_address(address).module
+    if module is not None:
+        resolve_module(model, module)
 
 
 def build_adapters(
@@ -369,6 +396,7 @@ def _bind(name: str, term: Term) -> BoundTerm:
                 f"term {name!r} reads teacher layers {term.teacher_paths} but "
                 f"{type(loss).__name__} reads no teacher; set teacher=None."
             )
+        _refuse_spatial_attention(name, term)
         gets_mask = loss.takes_mask if term.mask is None else term.mask
         contract: DistillationLoss | CallableLoss = loss
     else:
@@ -380,17 +408,53 @@ def _bind(name: str, term: Term) -> BoundTerm:
         (sp, tp, f"{name}__{i}" if adapted else None)
         for i, (sp, tp) in enumerate(zip(term.student_paths, term.teacher_paths, strict=True))
     )
+    # A loss with ignore_index set gets the labels whenever it is not told otherwise: without
+    # them it would average over the ignored (padding) tokens.
+    ignores = isinstance(loss, DistillationLoss) and getattr(loss, "ignore_index", None) is not None
     return BoundTerm(
         name=name,
         term=term,
         loss=contract,
         reads_teacher=reads_teacher,
-        reads_target=term.reads_target,
+        reads_target=term.reads_target or (term.target is None and ignores),
         gets_mask=gets_mask,
         gets_num_items=contract.per_sample,
         on_logits=term.student == LOGITS,
         layers=layers,
     )
+
+
+def _fits(mask: Tensor, student: Any) -> bool:
+    """Whether a ``[B, L]`` token mask applies to the student tensor a term reads (the first of
+    a list): its leading dims are ``[B, L]``, or it is an attention map ``[B, H, L, L]``.
+    Sequence-level tensors (``[B, C]`` logits, ``[B, D]`` pooled states) get no mask."""
+    x = student[0] if isinstance(student, list | tuple) and student else student
+    shape = getattr(x, "shape", None)
+    if shape is None or len(shape) <= mask.dim():
+        return False
+    if tuple(shape[: mask.dim()]) == tuple(mask.shape):
+        return True
+    return len(shape) == 4 and mask.dim() == 2 and (shape[0], shape[-1]) == tuple(mask.shape)
+
+
+def _refuse_spatial_attention(name: str, term: Term) -> None:
+    """The CNN attention-transfer loss would take a transformer's attention heads for channels."""
+    if not isinstance(term.loss, AttentionLoss):
+        return
+    for text in [*term.student_paths, *term.teacher_paths]:
+        address = parse_address(text)
+        leaf = (address.module or "").rsplit(".", 1)[-1]
+        if address.field == "attentions" or (
+            address.items and ("attention" in leaf or "attn" in leaf or leaf == "self")
+        ):
+            raise ValueError(
+                f"term {name!r} reads attention probabilities ({text!r}) with AttentionLoss, "
+                "the spatial attention transfer of CNN feature maps: it would take the heads "
+                "for channels and ignore the mask. Use a transformer attention loss: "
+                "kdkit.losses.MiniLMAttentionLoss (attention distributions), "
+                "TinyBERTAttentionLoss (scores from query/key), MiniLMValueRelationLoss or "
+                "MiniLMv2RelationLoss."
+            )
 
 
 def _paths(spec: str | Sequence[str] | None) -> list[str]:
