@@ -3,7 +3,7 @@ tuple of positional arguments or a mapping of keyword arguments (Hugging Face st
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,3 +39,31 @@ def call_model(model: nn.Module | Any, inputs: Any) -> Any:
     if isinstance(inputs, tuple | list):
         return model(*inputs)
     return model(inputs)
+
+
+MASK_KEYS = ("attention_mask", "input_mask")
+
+
+def find_mask(inputs: Any, keys: Sequence[str] = MASK_KEYS) -> Tensor | None:
+    """The token mask of a dict batch: the value of the first of ``keys`` it holds, else None."""
+    if keys and isinstance(inputs, Mapping):
+        for key in keys:
+            if key in inputs:
+                return inputs[key]
+    return None
+
+
+def teacher_kwargs(
+    inputs: Mapping[str, Any], rename: Mapping[str, str], drop: Collection[str]
+) -> dict[str, Any]:
+    """A dict batch as a teacher's keyword arguments: ``drop`` keys out (e.g. ``labels``), and
+    ``rename`` ({teacher argument: batch key}) applied."""
+    batch = {k: v for k, v in inputs.items() if k not in drop}
+    for argument, key in rename.items():
+        if key not in batch:
+            raise ValueError(
+                f"teacher_inputs maps the teacher's {argument!r} to batch key {key!r}, which "
+                f"this batch lacks (it has {sorted(inputs)}); fix the mapping."
+            )
+        batch[argument] = batch.pop(key)
+    return batch

@@ -8,7 +8,6 @@ in :mod:`kdkit.teachers`.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -17,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdkit.batch import call_model
+from kdkit.batch import MASK_KEYS, call_model, find_mask, teacher_kwargs
 from kdkit.capture import Selector, StepCapture, select_tensor
 from kdkit.finite import FiniteCheck
 from kdkit.functional import shared_log_softmax
-from kdkit.hooks import DistillationHooks
+from kdkit.hooks import DistillationHooks, check_loss_weights
 from kdkit.teachers import TeacherOutputs, Teachers, source_of, to_channels_last
 from kdkit.term import (
     LOGITS,
@@ -37,7 +36,6 @@ from kdkit.term import (
 
 __all__ = ["LOGITS", "MASK_KEYS", "Distiller", "DistillerOutput", "Term"]
 
-MASK_KEYS = ("attention_mask", "input_mask")
 """The keys of a dict batch read as its token mask when none is given, the first present."""
 
 
@@ -172,7 +170,7 @@ class Distiller(DistillationHooks, nn.Module):
         self.mask_keys = tuple(mask_keys) if any(b.gets_mask for b in self._bound) else ()
         self.teacher_inputs = dict(teacher_inputs or {})
         self.teacher_drop_keys = frozenset(teacher_drop_keys)
-        self.loss_weights = _check_loss_weights(loss_weights)
+        self.loss_weights = check_loss_weights(loss_weights)
         if channels_last:
             student.to(memory_format=torch.channels_last)
         # A plain attribute, not a submodule: a second registration would duplicate the
@@ -270,7 +268,7 @@ class Distiller(DistillationHooks, nn.Module):
         if not self._reads_teacher:
             return TeacherOutputs([], [])
         if isinstance(inputs, Mapping) and teacher_output is None:
-            inputs = self._teacher_batch(inputs)
+            inputs = teacher_kwargs(inputs, self.teacher_inputs, self.teacher_drop_keys)
         return self.teacher_side.outputs(
             inputs,
             teacher_output=teacher_output,
@@ -310,23 +308,7 @@ class Distiller(DistillationHooks, nn.Module):
 
     def batch_mask(self, inputs: Any) -> Tensor | None:
         """The token mask of a dict batch: the value of the first of ``mask_keys`` it holds."""
-        if self.mask_keys and isinstance(inputs, Mapping):
-            for key in self.mask_keys:
-                if key in inputs:
-                    return inputs[key]
-        return None
-
-    def _teacher_batch(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        """A dict batch as the teacher's keyword arguments: dropped keys out, renamed keys in."""
-        batch = {k: v for k, v in inputs.items() if k not in self.teacher_drop_keys}
-        for argument, key in self.teacher_inputs.items():
-            if key not in batch:
-                raise ValueError(
-                    f"teacher_inputs maps the teacher's {argument!r} to batch key {key!r}, which "
-                    f"this batch lacks (it has {sorted(inputs)}); fix the mapping."
-                )
-            batch[argument] = batch.pop(key)
-        return batch
+        return find_mask(inputs, self.mask_keys)
 
     # ----------------------------------------------------------------------------- module API
     def extra_parameters(self) -> list[nn.Parameter]:
@@ -371,21 +353,6 @@ class Distiller(DistillationHooks, nn.Module):
         for t in self.teacher_side.modules:
             t._apply(fn, recurse)
         return super()._apply(fn, recurse)
-
-
-def _check_loss_weights(weights: Sequence[float] | None) -> tuple[float, float]:
-    if weights is None:
-        return (1.0, 1.0)
-    w = tuple(weights)
-    if len(w) != 2 or not all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-        for v in w
-    ):
-        raise ValueError(
-            f"loss_weights={weights!r}; give [student_weight, distill_weight], two finite "
-            "numbers >= 0 (Intel Neural Compressor's loss_weights, e.g. [0.5, 0.5])."
-        )
-    return (float(w[0]), float(w[1]))
 
 
 def _renamed(old: str, old_value: Selector, new: str, new_value: Selector) -> Selector:

@@ -17,6 +17,7 @@ A thin layer over the Distiller's public step (:meth:`Distiller.teacher_outputs`
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -201,3 +202,19 @@ class DistillationHooks:
         # on_train_begin() on the copy to train with it.
         state = super().__getstate__()  # type: ignore[misc]
         return {**state, "_persistent_capture": None}
+
+
+def check_loss_weights(weights: Sequence[float] | None) -> tuple[float, float]:
+    """INC's ``loss_weights``: ``[student_weight, distill_weight]``, default ``(1, 1)``."""
+    if weights is None:
+        return (1.0, 1.0)
+    w = tuple(weights)
+    if len(w) != 2 or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        for v in w
+    ):
+        raise ValueError(
+            f"loss_weights={weights!r}; give [student_weight, distill_weight], two finite "
+            "numbers >= 0 (Intel Neural Compressor's loss_weights, e.g. [0.5, 0.5])."
+        )
+    return (float(w[0]), float(w[1]))
