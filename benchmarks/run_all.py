@@ -116,6 +116,17 @@ def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def other_sections(old: str) -> str:
+    """The ``## `` sections of an existing RESULTS.md that other scripts wrote (token losses,
+    token cache, threads, ...): kept when this script rewrites its own sections."""
+    numbers = {title.split()[0] for title in BENCHMARKS.values()}  # "1.", "2.", ...
+    chunks = old.split("\n## ")[1:]
+    kept = [
+        c for c in chunks if not c.startswith("The run\n") and c.split(maxsplit=1)[0] not in numbers
+    ]
+    return "".join(f"\n## {c.rstrip()}\n" for c in kept)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
@@ -150,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["wall_s"] = time.perf_counter() - start
     meta["load_after"] = os.getloadavg()[0]
     text = render(results, meta)
+    if args.out.is_file():
+        text += other_sections(args.out.read_text())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(text)

@@ -183,3 +183,19 @@ def test_gpu_throughput_code_path_on_cpu() -> None:
     assert result["measured"] and result["config"]["batch"] == 2
     _positive_summary(result["images_per_s"]["kdkit"])
     _positive_summary(result["images_per_s"]["floor"])
+
+
+def test_run_all_keeps_the_sections_other_scripts_wrote():
+    import run_all
+
+    old = (
+        "# kdkit benchmarks\n\n## The run\n\n- old\n\n"
+        "## 1. Distiller step overhead vs a hand-written loop\n\n- old numbers\n\n"
+        "## Token losses: memory and time\n\n- kept 1\n\n"
+        "## Threads: `kdkit run` on 1 vs 2 intra-op threads\n\n- kept 2\n"
+    )
+    kept = run_all.other_sections(old)
+    assert kept == (
+        "\n## Token losses: memory and time\n\n- kept 1\n"
+        "\n## Threads: `kdkit run` on 1 vs 2 intra-op threads\n\n- kept 2\n"
+    )
