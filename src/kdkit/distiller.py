@@ -24,6 +24,7 @@ from kdkit.hooks import DistillationHooks, check_loss_weights
 from kdkit.teachers import TeacherOutputs, Teachers, source_of, to_channels_last
 from kdkit.term import (
     LOGITS,
+    BoundTerm,
     DistillerOutput,
     StepInputs,
     Term,
@@ -33,6 +34,7 @@ from kdkit.term import (
     feature_paths,
     name_terms,
 )
+from kdkit.vocab import VocabMap
 
 __all__ = ["LOGITS", "MASK_KEYS", "Distiller", "DistillerOutput", "Term"]
 
@@ -99,6 +101,11 @@ class Distiller(DistillationHooks, nn.Module):
         loss_weights: ``[student_weight, distill_weight]``, as Intel Neural Compressor's: the
             hooks API's ``on_after_compute_loss`` returns ``student_weight · student_loss +
             distill_weight · Σ weight_i · term_i`` (default ``[1, 1]``).
+        vocab_map: a :class:`kdkit.vocab.VocabMap` for language models whose vocabularies differ:
+            ``VocabMap.padded(len(tokenizer))`` slices lm_head rows past the tokenizer's size,
+            ``VocabMap.from_tokenizers(student_tok, teacher_tok)`` distils over the tokens both
+            share. Terms that read the teacher compare the mapped logits; terms of the student
+            alone (cross-entropy) keep the full ones.
         logits, teacher_logits: deprecated names of ``logits_selector`` and
             ``teacher_logits_selector`` (they warn; removed in the next release).
     """
@@ -122,6 +129,7 @@ class Distiller(DistillationHooks, nn.Module):
         teacher_inputs: Mapping[str, str] | None = None,
         teacher_drop_keys: Sequence[str] = ("labels",),
         loss_weights: Sequence[float] | None = None,
+        vocab_map: VocabMap | None = None,
         logits: Selector = None,
         teacher_logits: Selector = None,
     ) -> None:
@@ -171,6 +179,7 @@ class Distiller(DistillationHooks, nn.Module):
         self.teacher_inputs = dict(teacher_inputs or {})
         self.teacher_drop_keys = frozenset(teacher_drop_keys)
         self.loss_weights = check_loss_weights(loss_weights)
+        self.vocab_map = _check_vocab_map(vocab_map, self._bound)
         if channels_last:
             student.to(memory_format=torch.channels_last)
         # A plain attribute, not a submodule: a second registration would duplicate the
@@ -290,7 +299,13 @@ class Distiller(DistillationHooks, nn.Module):
         outputs of :meth:`teacher_outputs`."""
         logits = select_tensor(student_output, self.logits_selector)
         step = StepInputs.of(
-            logits, student_features or {}, teacher, target, mask, num_items_in_batch
+            logits,
+            student_features or {},
+            teacher,
+            target,
+            mask,
+            num_items_in_batch,
+            self.vocab_map,
         )
         values: dict[str, Tensor] = {}
         weighted = []
@@ -353,6 +368,26 @@ class Distiller(DistillationHooks, nn.Module):
         for t in self.teacher_side.modules:
             t._apply(fn, recurse)
         return super()._apply(fn, recurse)
+
+
+def _check_vocab_map(vocab_map: VocabMap | None, bound: Sequence[BoundTerm]) -> VocabMap | None:
+    if vocab_map is None:
+        return None
+    if not isinstance(vocab_map, VocabMap):
+        raise TypeError(
+            f"vocab_map must be a kdkit.vocab.VocabMap, got {type(vocab_map).__name__}; build one "
+            "with VocabMap.padded(len(tokenizer)) or VocabMap.from_tokenizers(student, teacher)."
+        )
+    if not vocab_map.is_prefix:
+        for b in bound:
+            if b.on_logits and b.reads_teacher and getattr(b.loss, "needs_target", False):
+                raise ValueError(
+                    f"term {b.name!r} ({type(b.loss).__name__}) reads class labels beside the "
+                    "teacher, but labels index the student's vocabulary, not the tokens the two "
+                    "tokenizers share (vocab_map); use a soft loss (e.g. KLDivLoss) for the "
+                    "teacher and a separate CrossEntropyLoss term for the labels."
+                )
+    return vocab_map
 
 
 def _renamed(old: str, old_value: Selector, new: str, new_value: Selector) -> Selector:

@@ -21,6 +21,7 @@ from kdkit.adapters import ADAPTER_KINDS, build_adapter, probe_shapes
 from kdkit.capture import parse_address, resolve_module
 from kdkit.contract import DistillationLoss
 from kdkit.losses import AttentionLoss
+from kdkit.vocab import VocabMap
 
 LOGITS = "logits"
 
@@ -108,9 +109,13 @@ class DistillerOutput:
 
 
 class StepInputs(NamedTuple):
-    """What the terms of one step read."""
+    """What the terms of one step read. ``shared_logits`` are the student's logits on the rows
+    the teachers' logits hold too (the student's logits themselves unless a
+    :class:`~kdkit.vocab.VocabMap` aligns two vocabularies); terms that read the teacher compare
+    those, terms of the student alone read the full ``logits``."""
 
     logits: Tensor
+    shared_logits: Tensor
     student_features: Mapping[str, Tensor]
     teacher_logits: list[Tensor]
     teacher_features: list[dict[str, Tensor]]
@@ -127,16 +132,36 @@ class StepInputs(NamedTuple):
         target: Tensor | None,
         mask: Tensor | None,
         num_items_in_batch: int | Tensor | None,
+        vocab_map: VocabMap | None = None,
     ) -> StepInputs:
-        """The record, once the teachers are checked to predict the student's classes."""
-        for k, t in enumerate(teacher[0]):
-            if t.shape[-1] != logits.shape[-1]:
+        """The record, once the teachers are checked to predict the student's classes (or
+        their logits are brought onto one vocabulary by ``vocab_map``)."""
+        teacher_logits, features = teacher
+        shared = logits
+        if vocab_map is not None:
+            pairs = [vocab_map(logits, t) for t in teacher_logits]
+            if pairs:
+                shared, teacher_logits = pairs[0][0], [t for _, t in pairs]
+        for k, t in enumerate(teacher_logits):
+            if t.shape[-1] != shared.shape[-1]:
                 raise ValueError(
                     f"teacher {k} predicts {t.shape[-1]} classes (logits shape {tuple(t.shape)}) "
                     f"but the student predicts {logits.shape[-1]} (logits shape "
-                    f"{tuple(logits.shape)}); give both models the same number of classes."
+                    f"{tuple(logits.shape)}); give both models the same number of classes. For "
+                    "language models whose lm_head is padded past the tokenizer's size, or whose "
+                    "tokenizers differ, pass Distiller(vocab_map=kdkit.vocab.VocabMap.padded("
+                    "len(tokenizer))) or VocabMap.from_tokenizers(student_tok, teacher_tok)."
                 )
-        return cls(logits, student_features, *teacher, target, mask, num_items_in_batch)
+        return cls(
+            logits,
+            shared,
+            student_features,
+            teacher_logits,
+            features,
+            target,
+            mask,
+            num_items_in_batch,
+        )
 
 
 class CallableLoss:
@@ -185,6 +210,7 @@ class BoundTerm:
             student: Any = step.logits
             teacher: Any = None
             if self.reads_teacher:
+                student = step.shared_logits
                 teacher = ensemble(step.teacher_logits, self.loss.temperature)
         else:
             student, teacher = self._features(step, adapters)

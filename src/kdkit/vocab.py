@@ -237,6 +237,11 @@ class VocabMap:
                     "was trained with, or pass that model's logits."
                 )
 
+    @property
+    def is_prefix(self) -> bool:
+        """Whether both sides keep the same leading rows (a padded head): label ids stay valid."""
+        return self._prefix
+
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
         """Both logits on the shared vocabulary: ``[..., V_s]``, ``[..., V_t]`` ->
         ``[..., size]`` each."""
