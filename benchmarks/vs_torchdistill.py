@@ -4,7 +4,8 @@ torchdistill is not a kdkit dependency and is never imported by kdkit. It lives 
 environment, e.g.::
 
     python3 -m venv /tmp/tdvenv
-    /tmp/tdvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 torchdistill rich lightning-utilities
+    /tmp/tdvenv/bin/pip install torch==2.14.1 torchvision==0.29.1 \\
+        torchdistill rich lightning-utilities
 
 This script (run from kdkit's venv) looks for a Python that can import torchdistill: the current
 one, ``--td-python``, ``$KDKIT_TD_PYTHON``, or ``/tmp/tdvenv/bin/python``; without one it
