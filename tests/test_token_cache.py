@@ -317,3 +317,22 @@ def test_build_refuses_bad_arguments(tmp_path, data):
         TokenCache.build(TinyLM(), data, tmp_path / "e", top_k=3, progress=False).teacher_output(
             [len(data)]
         )
+
+
+def test_sparse_kl_on_bf16_student_logits_matches_float32_on_the_same_values():
+    torch.manual_seed(3)
+    s = torch.randn(2, 5, V).to(torch.bfloat16)
+    t = torch.randn(2, 5, V) * 2
+    t[..., -3:] = float("-inf")  # masked vocabulary in the teacher
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    s_low = s.clone().requires_grad_(True)
+    s_high = s.float().masked_fill(~mask[..., None], float("nan")).requires_grad_(True)
+    teacher = topk_log_compress(t, 8)
+    low = KF.sparse_kl_div(s_low, teacher, 2.0, mask)
+    high = KF.sparse_kl_div(s_high, teacher, 2.0, mask)  # NaN at the dropped tokens
+    assert torch.isfinite(high) and low.dtype == torch.float32
+    torch.testing.assert_close(low, high, rtol=1e-5, atol=1e-6)
+    (g_low,) = torch.autograd.grad(low, s_low)
+    (g_high,) = torch.autograd.grad(high, s_high)
+    assert torch.isfinite(g_high).all() and (g_high[~mask] == 0).all()
+    torch.testing.assert_close(g_low.float(), g_high, rtol=1e-2, atol=1e-3)

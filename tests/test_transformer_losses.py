@@ -493,3 +493,19 @@ def test_functional_api_checks_its_own_arguments():
     torch.testing.assert_close(
         KF.minilm_attention([q, q], [q, q], 2, mask=MASK), torch.zeros(()), atol=1e-7, rtol=0
     )
+
+
+@pytest.mark.parametrize("loss, per_layer", _attention_cases(), ids=lambda x: type(x).__name__)
+def test_bf16_projections_match_float64_on_the_same_values(loss, per_layer):
+    student = [x.to(torch.bfloat16) for x in _projections(6, per_layer, 21)]
+    teacher = [x.to(torch.bfloat16) for x in _projections(8, per_layer, 22)]
+    low, high = _grad(student), _grad([x.double() for x in student])
+    value_low = loss(low, teacher, mask=MASK)
+    value_high = loss(high, [x.double() for x in teacher], mask=MASK)
+    assert value_low.dtype == torch.float32  # upcast before the softmax, as the logit losses
+    torch.testing.assert_close(value_low.double(), value_high, rtol=2e-2, atol=1e-3)
+    value_low.backward()
+    value_high.backward()
+    for a, b in zip(low, high, strict=True):
+        assert torch.isfinite(a.grad).all() and (a.grad[~MASK] == 0).all()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=5e-2, atol=5e-3)
