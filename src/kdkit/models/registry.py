@@ -5,9 +5,12 @@ Three namespaces:
 * plain names registered with :func:`register_model` (``mlp``, ``small_cnn``, the CIFAR zoo
   ``resnet8x4`` ... ``mobilenetv2``); see :func:`list_models`;
 * ``tv:<name>`` — any torchvision classification model, always built with ``weights=None``;
-* ``timm:<name>`` — any timm model (``pretrained=False``), needs ``pip install 'kdkit[timm]'``.
+* ``timm:<name>`` — any timm model (``pretrained=False``), needs ``pip install 'kdkit[timm]'``;
+* ``hf:<model_type>`` / ``hf:<local directory>`` — a Hugging Face model from a config or a
+  ``save_pretrained`` directory (:mod:`kdkit.models.hf_models`), needs ``pip install 'kdkit[hf]'``.
 
-Every model's ``forward`` returns logits ``[B, num_classes]``.
+Every model's ``forward`` returns logits ``[B, num_classes]``, except ``hf:`` models, which keep
+Hugging Face's keyword-argument forward and ``ModelOutput``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ _MODELS: dict[str, ModelBuilder] = {}
 
 TV_PREFIX = "tv:"
 TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf:"
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -99,6 +103,11 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) ->
         return create_torchvision_model(
             name[len(TV_PREFIX) :], num_classes=num_classes, in_channels=in_channels, **kwargs
         )
+    if name.startswith(HF_PREFIX):
+        from kdkit.models.hf_models import create_hf_model
+
+        kwargs.pop("image_size", None)  # text models: no image size, no channels
+        return create_hf_model(name[len(HF_PREFIX) :], num_classes=num_classes, **kwargs)
     if name.startswith(TIMM_PREFIX):
         from kdkit.models.timm_models import create_timm_model
 

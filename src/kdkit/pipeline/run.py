@@ -31,6 +31,7 @@ from kdkit.pipeline.evaluate import evaluate_model, load_entries, teacher_test_l
 from kdkit.pipeline.log import get_logger
 from kdkit.pipeline.preflight import preflight
 from kdkit.pipeline.resume import resume_mode
+from kdkit.pipeline.tasks import DEFAULT_TASK, task_of, task_runner
 from kdkit.pipeline.threads import set_threads
 from kdkit.pipeline.train import train_supervised
 from kdkit.report import build_report, print_report
@@ -58,7 +59,11 @@ def _title(cfg: DictConfig, teacher_name: str | None = None) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Teacher, scratch student, distilled student, evaluation and report, in one run."""
+    """Teacher, scratch student, distilled student, evaluation and report, in one run (the
+    experiment's task's own pipeline when it is not classification: :mod:`kdkit.pipeline.tasks`)."""
+    task = task_of(cfg)
+    if task != DEFAULT_TASK:
+        return task_runner(task)(cfg)
     start = time.perf_counter()
     out = output_dir(cfg)
     save_config(cfg)
@@ -398,6 +403,12 @@ def dispatch(cfg: DictConfig) -> Any:
     command = str(cfg.command)
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}.")
+    task = task_of(cfg)
+    if task != DEFAULT_TASK and command != "run":
+        raise ValueError(
+            f"`kdkit {command}` works on the classification pipeline; task={task!r} runs as a "
+            f"whole with `kdkit run` (its teacher, scratch and distilled stages and report)."
+        )
     preflight(cfg, _command_line_overrides())
     set_threads(cfg, build_datamodule(cfg))
     try:
