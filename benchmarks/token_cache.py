@@ -9,8 +9,9 @@ the same at T = 2 (p_hat re-temperatured from the stored T = 1 values, p = softm
 the mean tail mass and the top-1 agreement of p_hat with p.
 
 With ``--students`` (on in the full run), a 2 x 64 student is distilled for each of 3 seeds
-from the cache (k = 8 and 31: 31 is the largest k within 128 bytes/token; sparse KL) and online (dense KL), ``0.5 KL + 0.5 CE``, same init and
-batch order per seed, and its held-out perplexity compared.
+from the cache (k = 8, and k = 31: the largest k within 128 bytes/token; sparse KL) and online
+(dense KL), ``0.5 KL + 0.5 CE``, same init and batch order per seed, and its held-out
+perplexity compared.
 
     python benchmarks/token_cache.py [--quick | --smoke] [--[no-]students] [--json out.json]
 """
