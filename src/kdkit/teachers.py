@@ -6,7 +6,9 @@ given with the batch when there is one, else from the :class:`TeacherSource`:
 
 * :class:`OnlineTeachers`: frozen ``nn.Module`` teachers run in eval mode under ``no_grad``
   (optionally under autocast, compiled, in channels_last), with feature hooks for feature terms;
-* :class:`CachedTeacher`: a :class:`kdkit.cache.TeacherCache` read by sample index and epoch.
+* :class:`CachedTeacher`: a :class:`kdkit.cache.TeacherCache` read by sample index and epoch;
+* :class:`TokenCacheTeacher`: a :class:`kdkit.cache.TokenCache` (per-token top-k) read by
+  sequence index, for :class:`kdkit.losses.SparseKLDivLoss` terms.
 
 A new source (a token cache, a remote or generating teacher) subclasses :class:`TeacherSource`
 and can be passed to ``Distiller(student, teacher=source, ...)``. :meth:`Teachers.ensemble`
@@ -26,16 +28,22 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.batch import call_model
+from kdkit.cache.tokens import TokenCache, TopKTokens
 from kdkit.capture import Selector, StepCapture, select_tensor
+from kdkit.contract import DistillationLoss
+from kdkit.losses import SparseKLDivLoss
 
 _TRAINING = attrgetter("training")
 
 
 class TeacherOutputs(NamedTuple):
-    """Per teacher: its logits, and the features the terms read (``{module path: tensor}``)."""
+    """Per teacher: its logits (or, from a token cache, its sparse :class:`TopKTokens`) and the
+    features the terms read (``{module path: tensor}``); ``mask``: the tokens the teacher has
+    outputs for (bool ``[B, L]``), when not all of them."""
 
-    logits: list[Tensor]
+    logits: list[Tensor | TopKTokens]
     features: list[dict[str, Tensor]]
+    mask: Tensor | None = None
 
 
 class TeacherSource(ABC):
@@ -70,6 +78,8 @@ class OnlineTeachers(TeacherSource):
         autocast_dtype: run the teachers under ``torch.autocast`` with this dtype.
         channels_last: put the teachers and 4-D inputs in ``torch.channels_last``.
         compile: ``torch.compile`` the forwards of teachers whose features no term reads.
+        elide: per teacher index, the ``"module:input"`` feature paths whose module runs on zero
+            tokens (a fused-linear term's lm_head: no logits are computed; :mod:`kdkit.fused`).
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class OnlineTeachers(TeacherSource):
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        elide: Mapping[int, list[str]] | None = None,
     ) -> None:
         self.teachers = list(teachers)
         for t in self.teachers:
@@ -91,9 +102,10 @@ class OnlineTeachers(TeacherSource):
         # Read every step to re-assert eval mode: listing the modules once keeps that cheap.
         self._all_modules = [list(t.modules()) for t in self.teachers]
         self.feature_paths = [list(feature_paths.get(k, [])) for k in range(len(self.teachers))]
+        elide = elide or {}
         self._captures = [
-            StepCapture(t, paths)
-            for t, paths in zip(self.teachers, self.feature_paths, strict=True)
+            StepCapture(t, paths, elide=elide.get(k, ()))
+            for k, (t, paths) in enumerate(zip(self.teachers, self.feature_paths, strict=True))
         ]
         self.logits_selector = logits_selector
         self.autocast_dtype = autocast_dtype
@@ -154,9 +166,56 @@ class CachedTeacher(TeacherSource):
         return precomputed(self.cache.teacher_output(index, epoch), self.logits_selector)
 
 
+class TokenCacheTeacher(TeacherSource):
+    """Per-token top-k teacher distributions read from a :class:`kdkit.cache.TokenCache` by the
+    batch's sequence indices (``distiller(input_ids, labels, index=idx)``).
+
+    The terms that read the teacher get the batch's :class:`~kdkit.cache.TopKTokens` (top-k
+    log-probabilities, their ids, the log tail mass), the sparse target of
+    :class:`kdkit.losses.SparseKLDivLoss`, so every such term must take it (checked when the
+    Distiller is built). The cached sequences are right-padded to the batch's longest, as
+    :func:`kdkit.data.text.collate_sequences` pads the inputs; the padded positions are
+    dropped from the step's token mask.
+    """
+
+    def __init__(self, cache: TokenCache) -> None:
+        self.cache = cache
+
+    def outputs(
+        self, inputs: Any, *, index: Tensor | None = None, epoch: int = 0
+    ) -> TeacherOutputs:
+        if index is None:
+            raise ValueError(
+                "this Distiller reads the teacher's top-k tokens from a TokenCache, which needs "
+                "the batch's sequence indices: call distiller(input_ids, labels, index=idx) with "
+                "a dataset that yields (input_ids, labels, index) (kdkit.data.text.TokenSequences "
+                "or TokenBlocks, batched with collate_sequences)."
+            )
+        cached = self.cache.teacher_output(index)
+        return TeacherOutputs([cached], [{}], cached.mask)
+
+
+def check_sparse_terms(bound: Sequence[Any], source: TeacherSource | None) -> None:
+    """Refuse a kdkit loss that reads dense teacher logits when the teacher is a token cache
+    (``bound``: the Distiller's :class:`kdkit.term.BoundTerm` list)."""
+    if not isinstance(source, TokenCacheTeacher):
+        return
+    for b in bound:
+        dense = isinstance(b.loss, DistillationLoss) and not isinstance(b.loss, SparseKLDivLoss)
+        if b.reads_teacher and (dense or not b.on_logits):
+            raise ValueError(
+                f"term {b.name!r} ({type(b.term.loss).__name__}) reads the teacher's "
+                f"{'logits' if b.on_logits else 'features'}, but the teacher is a TokenCache, "
+                "which holds the teacher's top-k log-probabilities per token; use "
+                "kdkit.losses.SparseKLDivLoss for the teacher term (or run the teacher online)."
+            )
+
+
 def precomputed(output: Any, logits_selector: Selector = None) -> TeacherOutputs:
-    """A teacher output given as data: a logits tensor, a model output, or
-    ``{"logits": ..., "features": {path: tensor}}``."""
+    """A teacher output given as data: a logits tensor, a model output, a
+    :class:`~kdkit.cache.TopKTokens`, or ``{"logits": ..., "features": {path: tensor}}``."""
+    if isinstance(output, TopKTokens):
+        return TeacherOutputs([output], [{}], output.mask)
     if isinstance(output, Mapping) and "features" in output:
         return TeacherOutputs([select_tensor(output, "logits")], [dict(output["features"])])
     return TeacherOutputs([select_tensor(output, logits_selector)], [{}])
@@ -227,14 +286,16 @@ def source_of(
     **options: Any,
 ) -> TeacherSource | None:
     """The source for ``Distiller``'s ``teacher`` argument: an ``nn.Module``, a sequence (or
-    ``nn.ModuleList``) of them, a cache with ``teacher_output(index, epoch)``, a
-    :class:`TeacherSource`, or None. ``options`` go to :class:`OnlineTeachers`."""
+    ``nn.ModuleList``) of them, a :class:`~kdkit.cache.TokenCache`, a cache with
+    ``teacher_output(index, epoch)``, a :class:`TeacherSource`, or None. ``options`` go to :class:`OnlineTeachers`."""
     if teacher is None or isinstance(teacher, TeacherSource):
         return teacher
     if isinstance(teacher, nn.ModuleList):
         teacher = list(teacher)
     if isinstance(teacher, nn.Module):
         teacher = [teacher]
+    elif isinstance(teacher, TokenCache):
+        return TokenCacheTeacher(teacher)
     elif hasattr(teacher, "teacher_output"):
         return CachedTeacher(teacher, logits_selector=logits_selector)
     if isinstance(teacher, Sequence) and all(isinstance(t, nn.Module) for t in teacher):
@@ -242,7 +303,7 @@ def source_of(
             raise ValueError("teacher is an empty list; pass at least one nn.Module or None.")
         return OnlineTeachers(teacher, feature_paths, logits_selector=logits_selector, **options)
     raise TypeError(
-        f"teacher must be an nn.Module, a list of nn.Modules, a TeacherCache, a "
+        f"teacher must be an nn.Module, a list of nn.Modules, a TeacherCache, a TokenCache, a "
         f"kdkit.teachers.TeacherSource or None, got {type(teacher).__name__}."
     )
 
