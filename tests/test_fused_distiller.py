@@ -152,9 +152,14 @@ def test_what_a_fused_term_cannot_work_with_is_refused_at_construction():
     with pytest.raises(ValueError, match="needs? the teacher module"):
         Distiller(student, None, [fused])
     with pytest.raises(ValueError, match="module.path:input"):
-        Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(), student="lm_head")])
+        Distiller(
+            student,
+            teacher,
+            [Term(L.FusedLinearJSDLoss(), student="lm_head", teacher="lm_head")],
+        )
     with pytest.raises(ValueError, match="no 2-D weight"):
-        Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(), student="transformer:input")])
+        head = "transformer:input"
+        Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(), student=head, teacher=head)])
     with pytest.raises(ValueError, match="takes no adapter"):
         Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(), adapter="linear")])
     teacher.config.final_logit_softcapping = 30.0
