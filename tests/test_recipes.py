@@ -64,9 +64,7 @@ def test_teacher_generations_are_greedy_continuations_with_labels_on_them_only()
     teacher = _gpt2(1)
     prompts = torch.tensor([[5, 6, 7, 8], [9, 10, PAD, PAD]])  # right-padded prompts
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    batch = SequenceKD(teacher, max_new_tokens=5, pad_token_id=PAD, eos_token_id=[])(
-        prompts, mask
-    )
+    batch = SequenceKD(teacher, max_new_tokens=5, pad_token_id=PAD, eos_token_id=[])(prompts, mask)
     assert isinstance(batch, Generations) and batch.generated
     assert batch.input_ids.shape == batch.labels.shape == (2, 9)
     assert batch.attention_mask.tolist() == [[1] * 9, [1] * 7 + [0] * 2]

@@ -31,13 +31,13 @@ from kdkit.teachers import (
 )
 from kdkit.term import (
     LOGITS,
-    BoundTerm,
     DistillerOutput,
     StepInputs,
     Term,
     bind_terms,
     build_adapters,
     check_paths,
+    check_vocab_map,
     feature_paths,
     name_terms,
 )
@@ -195,7 +195,7 @@ class Distiller(DistillationHooks, nn.Module):
         self.teacher_inputs = dict(teacher_inputs or {})
         self.teacher_drop_keys = frozenset(teacher_drop_keys)
         self.loss_weights = check_loss_weights(loss_weights)
-        self.vocab_map = _check_vocab_map(vocab_map, self._bound)
+        self.vocab_map = check_vocab_map(vocab_map, self._bound)
         if channels_last:
             student.to(memory_format=torch.channels_last)
         # A plain attribute, not a submodule: a second registration would duplicate the
@@ -387,26 +387,6 @@ class Distiller(DistillationHooks, nn.Module):
         for t in self.teacher_side.modules:
             t._apply(fn, recurse)
         return super()._apply(fn, recurse)
-
-
-def _check_vocab_map(vocab_map: VocabMap | None, bound: Sequence[BoundTerm]) -> VocabMap | None:
-    if vocab_map is None:
-        return None
-    if not isinstance(vocab_map, VocabMap):
-        raise TypeError(
-            f"vocab_map must be a kdkit.vocab.VocabMap, got {type(vocab_map).__name__}; build one "
-            "with VocabMap.padded(len(tokenizer)) or VocabMap.from_tokenizers(student, teacher)."
-        )
-    if not vocab_map.is_prefix:
-        for b in bound:
-            if b.on_logits and b.reads_teacher and getattr(b.loss, "needs_target", False):
-                raise ValueError(
-                    f"term {b.name!r} ({type(b.loss).__name__}) reads class labels beside the "
-                    "teacher, but labels index the student's vocabulary, not the tokens the two "
-                    "tokenizers share (vocab_map); use a soft loss (e.g. KLDivLoss) for the "
-                    "teacher and a separate CrossEntropyLoss term for the labels."
-                )
-    return vocab_map
 
 
 def _renamed(old: str, old_value: Selector, new: str, new_value: Selector) -> Selector:

@@ -287,7 +287,8 @@ def source_of(
 ) -> TeacherSource | None:
     """The source for ``Distiller``'s ``teacher`` argument: an ``nn.Module``, a sequence (or
     ``nn.ModuleList``) of them, a :class:`~kdkit.cache.TokenCache`, a cache with
-    ``teacher_output(index, epoch)``, a :class:`TeacherSource`, or None. ``options`` go to :class:`OnlineTeachers`."""
+    ``teacher_output(index, epoch)``, a :class:`TeacherSource`, or None. ``options`` go to
+    :class:`OnlineTeachers`."""
     if teacher is None or isinstance(teacher, TeacherSource):
         return teacher
     if isinstance(teacher, nn.ModuleList):

@@ -409,6 +409,28 @@ def _check_term(name: str, term: Term) -> None:
         )
 
 
+def check_vocab_map(vocab_map: VocabMap | None, bound: Sequence[BoundTerm]) -> VocabMap | None:
+    """``vocab_map``, checked: a VocabMap, and no teacher term reads labels through a map of two
+    tokenizers (the labels index the student's vocabulary)."""
+    if vocab_map is None:
+        return None
+    if not isinstance(vocab_map, VocabMap):
+        raise TypeError(
+            f"vocab_map must be a kdkit.vocab.VocabMap, got {type(vocab_map).__name__}; build one "
+            "with VocabMap.padded(len(tokenizer)) or VocabMap.from_tokenizers(student, teacher)."
+        )
+    if not vocab_map.is_prefix:
+        for b in bound:
+            if b.on_logits and b.reads_teacher and getattr(b.loss, "needs_target", False):
+                raise ValueError(
+                    f"term {b.name!r} ({type(b.loss).__name__}) reads class labels beside the "
+                    "teacher, but labels index the student's vocabulary, not the tokens the two "
+                    "tokenizers share (vocab_map); use a soft loss (e.g. KLDivLoss) for the "
+                    "teacher and a separate CrossEntropyLoss term for the labels."
+                )
+    return vocab_map
+
+
 def feature_paths(bound: Sequence[BoundTerm]) -> tuple[list[str], dict[int, list[str]]]:
     """The student module paths the terms read, and the teacher paths per teacher index (each
     once, in term order)."""
@@ -507,7 +529,11 @@ def _bind(name: str, term: Term) -> BoundTerm:
     reads_teacher = term.teacher is not None and contract.reads_teacher
     adapted = term.adapter not in (None, "identity")  # "identity" needs no module
     lm_head = isinstance(loss, FusedLinearJSDLoss)
-    pairs = _head_inputs(name, term) if lm_head else zip(term.student_paths, term.teacher_paths)
+    pairs = (
+        _head_inputs(name, term)
+        if lm_head
+        else zip(term.student_paths, term.teacher_paths, strict=True)
+    )
     layers = tuple(
         (sp, tp, f"{name}__{i}" if adapted else None) for i, (sp, tp) in enumerate(pairs)
     )
