@@ -84,6 +84,10 @@ def test_models_compute_no_logits_in_a_fused_step():
     seen.clear()
     assert student(**inputs).logits.shape == (B, LEN, V)  # no hook left on the models
     assert seen == [(B, LEN, V)]
+    with torch.no_grad():  # the teacher's predictions (e.g. for top-1 agreement) stay whole
+        torch.testing.assert_close(
+            distiller.compute_teacher_logits(inputs), teacher(**inputs).logits
+        )
 
 
 def test_labels_in_the_dict_batch_are_not_given_to_the_student():

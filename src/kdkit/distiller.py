@@ -370,7 +370,7 @@ class Distiller(DistillationHooks, nn.Module):
 
     def compute_teacher_logits(self, inputs: Any) -> Tensor:
         """The teachers' logits for ``inputs`` (eval mode, no grad), several ensembled at T=1."""
-        outputs = self.teacher_side.outputs(inputs, epoch=self.epoch)
+        outputs = self.teacher_side.outputs(inputs, epoch=self.epoch, capture=False)
         return self.teacher_side.ensemble(outputs.logits, 1.0)
 
     def teacher_logits(self, inputs: Any) -> Tensor:

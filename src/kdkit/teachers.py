@@ -120,8 +120,10 @@ class OnlineTeachers(TeacherSource):
         return self.teachers
 
     def outputs(
-        self, inputs: Any, *, index: Tensor | None = None, epoch: int = 0
+        self, inputs: Any, *, index: Tensor | None = None, epoch: int = 0, capture: bool = True
     ) -> TeacherOutputs:
+        """The teachers' outputs; ``capture=False`` runs them plainly, without the feature
+        captures (and so with their full logits even where a fused term elides the head)."""
         if self.channels_last:
             inputs = to_channels_last(inputs)
         logits, features = [], []
@@ -131,7 +133,7 @@ class OnlineTeachers(TeacherSource):
             if any(map(_TRAINING, self._all_modules[k])):
                 teacher.eval()
             with torch.no_grad(), self._autocast(inputs):
-                if self.feature_paths[k]:
+                if capture and self.feature_paths[k]:
                     output, captured = self._captures[k](teacher, inputs)
                 else:
                     output, captured = call_model(self._forwards[k], inputs), {}
@@ -246,9 +248,18 @@ class Teachers:
         return self.source.modules if self.source is not None else []
 
     def outputs(
-        self, inputs: Any, *, teacher_output: Any = None, index: Tensor | None = None, epoch: int
+        self,
+        inputs: Any,
+        *,
+        teacher_output: Any = None,
+        index: Tensor | None = None,
+        epoch: int,
+        capture: bool = True,
     ) -> TeacherOutputs:
-        """``teacher_output`` when given, else the source's outputs for this batch."""
+        """``teacher_output`` when given, else the source's outputs for this batch
+        (``capture=False``: online teachers run without their feature captures)."""
+        if not capture and isinstance(self.source, OnlineTeachers):
+            return self.source.outputs(inputs, capture=False)
         if teacher_output is not None:
             return precomputed(teacher_output, self.logits_selector)
         if self.source is None:
