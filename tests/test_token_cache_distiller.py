@@ -86,7 +86,7 @@ def test_what_a_token_cache_cannot_serve_is_refused(cache):
         Distiller(student, cache, [Term(KLDivLoss())])
     distiller = Distiller(student, cache, [Term(SparseKLDivLoss())])
     ids, labels, index = next(iter(_batches()))
-    with pytest.raises(ValueError, match="sequence indices"):
+    with pytest.raises(ValueError, match="sample indices"):
         distiller(ids, labels)
     with pytest.raises(ValueError, match="collate_sequences"):
         distiller(torch.cat([ids, ids[:, :1]], dim=1), labels, index=index)

@@ -6,9 +6,9 @@ given with the batch when there is one, else from the :class:`TeacherSource`:
 
 * :class:`OnlineTeachers`: frozen ``nn.Module`` teachers run in eval mode under ``no_grad``
   (optionally under autocast, compiled, in channels_last), with feature hooks for feature terms;
-* :class:`CachedTeacher`: a :class:`kdkit.cache.TeacherCache` read by sample index and epoch;
-* :class:`TokenCacheTeacher`: a :class:`kdkit.cache.TokenCache` (per-token top-k) read by
-  sequence index, for :class:`kdkit.losses.SparseKLDivLoss` terms.
+* :class:`CachedTeacher`: a :class:`kdkit.cache.TeacherCache` read by sample index and epoch,
+  or a :class:`kdkit.cache.TokenCache` (per-token top-k) read by sequence index, for
+  :class:`kdkit.losses.SparseKLDivLoss` terms.
 
 A new source (a token cache, a remote or generating teacher) subclasses :class:`TeacherSource`
 and can be passed to ``Distiller(student, teacher=source, ...)``. :meth:`Teachers.ensemble`
@@ -149,8 +149,14 @@ class OnlineTeachers(TeacherSource):
 
 
 class CachedTeacher(TeacherSource):
-    """Teacher outputs read from a cache (an object with ``teacher_output(index, epoch)``, e.g. a
-    :class:`kdkit.cache.TeacherCache`) by the batch's sample indices."""
+    """Teacher outputs read from a cache by the batch's sample indices: an object with
+    ``teacher_output(index, epoch)`` (e.g. a :class:`kdkit.cache.TeacherCache`), or a
+    :class:`kdkit.cache.TokenCache`, whose per-token top-k distributions
+    (:class:`~kdkit.cache.TopKTokens`: top-k log-probabilities, their ids, the log tail mass)
+    are the sparse target of :class:`kdkit.losses.SparseKLDivLoss`, the loss every term reading
+    such a teacher must have (checked when the Distiller is built). Token sequences are
+    right-padded to the batch's longest, as :func:`kdkit.data.text.collate_sequences` pads the
+    inputs; the padded positions are dropped from the step's token mask."""
 
     def __init__(self, cache: Any, *, logits_selector: Selector = None) -> None:
         self.cache = cache
@@ -163,44 +169,18 @@ class CachedTeacher(TeacherSource):
             raise ValueError(
                 "this Distiller reads teacher outputs from a cache, which needs the batch's "
                 "sample indices: call distiller(x, y, index=idx) with a dataset that yields "
-                "(x, y, index) (wrap it in kdkit.data.IndexedDataset)."
+                "(x, y, index) (wrap it in kdkit.data.IndexedDataset; kdkit.data.text's token "
+                "datasets yield it)."
             )
+        if isinstance(self.cache, TokenCache):
+            return precomputed(self.cache.teacher_output(index))
         return precomputed(self.cache.teacher_output(index, epoch), self.logits_selector)
-
-
-class TokenCacheTeacher(TeacherSource):
-    """Per-token top-k teacher distributions read from a :class:`kdkit.cache.TokenCache` by the
-    batch's sequence indices (``distiller(input_ids, labels, index=idx)``).
-
-    The terms that read the teacher get the batch's :class:`~kdkit.cache.TopKTokens` (top-k
-    log-probabilities, their ids, the log tail mass), the sparse target of
-    :class:`kdkit.losses.SparseKLDivLoss`, so every such term must take it (checked when the
-    Distiller is built). The cached sequences are right-padded to the batch's longest, as
-    :func:`kdkit.data.text.collate_sequences` pads the inputs; the padded positions are
-    dropped from the step's token mask.
-    """
-
-    def __init__(self, cache: TokenCache) -> None:
-        self.cache = cache
-
-    def outputs(
-        self, inputs: Any, *, index: Tensor | None = None, epoch: int = 0
-    ) -> TeacherOutputs:
-        if index is None:
-            raise ValueError(
-                "this Distiller reads the teacher's top-k tokens from a TokenCache, which needs "
-                "the batch's sequence indices: call distiller(input_ids, labels, index=idx) with "
-                "a dataset that yields (input_ids, labels, index) (kdkit.data.text.TokenSequences "
-                "or TokenBlocks, batched with collate_sequences)."
-            )
-        cached = self.cache.teacher_output(index)
-        return TeacherOutputs([cached], [{}], cached.mask)
 
 
 def check_sparse_terms(bound: Sequence[Any], source: TeacherSource | None) -> None:
     """Refuse a kdkit loss that reads dense teacher logits when the teacher is a token cache
     (``bound``: the Distiller's :class:`kdkit.term.BoundTerm` list)."""
-    if not isinstance(source, TokenCacheTeacher):
+    if not (isinstance(source, CachedTeacher) and isinstance(source.cache, TokenCache)):
         return
     for b in bound:
         dense = isinstance(b.loss, DistillationLoss) and not isinstance(b.loss, SparseKLDivLoss)
@@ -306,8 +286,6 @@ def source_of(
         teacher = list(teacher)
     if isinstance(teacher, nn.Module):
         teacher = [teacher]
-    elif isinstance(teacher, TokenCache):
-        return TokenCacheTeacher(teacher)
     elif hasattr(teacher, "teacher_output"):
         return CachedTeacher(teacher, logits_selector=logits_selector)
     if isinstance(teacher, Sequence) and all(isinstance(t, nn.Module) for t in teacher):
