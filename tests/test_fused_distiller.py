@@ -144,6 +144,27 @@ def test_other_head_path_and_tensor_inputs():
     _assert_same(_step(fused, ids, labels), _step(plain, ids, labels))
 
 
+def test_teacher_under_autocast_hands_its_head_bfloat16_hidden_states():
+    class HalfHidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(V, 12)
+            self.lm_head = torch.nn.Linear(12, V, bias=False)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.lm_head(torch.tanh(self.embed(input_ids)).to(torch.bfloat16))
+
+    torch.manual_seed(0)
+    student, teacher = _gpt2(0, 16, 1), HalfHidden()
+    inputs, labels = _batch()
+    options = dict(autocast_dtype=torch.bfloat16)
+    fused = Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(0.5, 1.0, -100))], **options)
+    plain = Distiller(student, teacher, [Term(L.GeneralizedJSDLoss(0.5, 1.0, -100))], **options)
+    torch.testing.assert_close(
+        fused(inputs, labels).loss, plain(inputs, labels).loss, rtol=2e-2, atol=1e-4
+    )
+
+
 def test_what_a_fused_term_cannot_work_with_is_refused_at_construction():
     student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
     fused = Term(L.FusedLinearJSDLoss(0.5))

@@ -290,7 +290,8 @@ class BoundTerm:
         args = [student, teacher] if self.reads_teacher else [student]
         if self.lm_head:
             w_s, w_t = self._head_weights(step.vocab_map)
-            args = [student, w_s, teacher, w_t]
+            # a teacher run under autocast may hand its head half-precision hidden states
+            args = [student, w_s, teacher.to(w_t.dtype), w_t]
         if self.reads_target:
             if step.target is None:
                 raise ValueError(self._no_target())
