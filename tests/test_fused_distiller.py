@@ -90,6 +90,22 @@ def test_models_compute_no_logits_in_a_fused_step():
         )
 
 
+def test_cross_entropy_beside_keeps_the_student_head_and_elides_the_teacher_head():
+    student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
+    seen = {}
+    for side, model in (("student", student), ("teacher", teacher)):
+        model.lm_head.register_forward_hook(
+            lambda m, i, o, side=side: seen.__setitem__(side, tuple(o.shape))
+        )
+    ce = Term(L.CrossEntropyLoss(), 0.5, teacher=None, target=True)
+    inputs, labels = _batch()
+    fused = Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(0.5, 2.0, -100, 4)), ce])
+    got = _step(fused, inputs, labels)
+    assert seen == {"student": (B, LEN, V), "teacher": (B, 0, V)}
+    plain = Distiller(student, teacher, [Term(L.GeneralizedJSDLoss(0.5, 2.0, -100)), ce])
+    _assert_same(got, _step(plain, inputs, labels))
+
+
 def test_labels_in_the_dict_batch_are_not_given_to_the_student():
     student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
     distiller = Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(0.5, ignore_index=-100))])
@@ -168,12 +184,8 @@ def test_teacher_under_autocast_hands_its_head_bfloat16_hidden_states():
 def test_what_a_fused_term_cannot_work_with_is_refused_at_construction():
     student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
     fused = Term(L.FusedLinearJSDLoss(0.5))
-    with pytest.raises(ValueError, match="'cross_entropy' reads the student's logits"):
-        Distiller(
-            student,
-            teacher,
-            [fused, Term(L.CrossEntropyLoss(), teacher=None, target=True)],
-        )
+    with pytest.raises(ValueError, match="'kl_div' reads the teacher's logits"):
+        Distiller(student, teacher, [fused, Term(L.KLDivLoss())])
     with pytest.raises(ValueError, match="needs? the teacher module"):
         Distiller(student, None, [fused])
     with pytest.raises(ValueError, match="module.path:input"):

@@ -20,8 +20,11 @@ or not, any transformers version), and reads exactly what the head multiplies.
 What this needs of the models, checked when the Distiller is built: an online teacher module
 (a cache holds no hidden states and weights), a head with a 2-D ``weight`` and no bias, and no
 transform of the logits after the head (Gemma's ``final_logit_softcapping``, a ``logit_scale``):
-the fused loss would not see it. No other term may read either model's logits, which are not
-computed. With a dict batch the student is not given the ``teacher_drop_keys`` (the labels)
+the fused loss would not see it. No other term may read the teacher's logits, which are not
+computed. A term of the student alone on its logits (cross-entropy on the labels beside the fused
+distillation term, as LLM recipes do) keeps the student's head running: the student's logits then
+exist as they must for that term, the teacher's still never do. When the student's head is elided
+too and the batch is a dict, the student is not given the ``teacher_drop_keys`` (the labels)
 either: a Hugging Face model would compute its own loss on logits it no longer has.
 """
 
@@ -50,12 +53,12 @@ def attach_heads(
         return list(bound)
     names = [b.name for b in fused]
     for b in bound:
-        if b.on_logits:
-            side = "the teacher's and the student's" if b.reads_teacher else "the student's"
+        if b.on_logits and b.reads_teacher:
             raise ValueError(
-                f"term {b.name!r} reads {side} logits, but the fused-linear term(s) {names} make "
-                "both models skip their lm_head, so no logits are computed; distil with the fused "
-                "term alone, or use logit losses (KLDivLoss, GeneralizedJSDLoss, ...) on the "
+                f"term {b.name!r} reads the teacher's logits, but the fused-linear term(s) "
+                f"{names} make the teacher skip its lm_head, so its logits are not computed; "
+                "distil with the fused term alone (plus terms of the student alone, e.g. "
+                "cross-entropy), or use logit losses (KLDivLoss, GeneralizedJSDLoss, ...) on the "
                 "full logits instead of FusedLinearJSDLoss."
             )
     if not teachers:
@@ -75,8 +78,8 @@ def attach_heads(
 
 
 def elided_paths(bound: Sequence[BoundTerm]) -> tuple[list[str], dict[int, list[str]]]:
-    """The ``"head:input"`` addresses whose modules run on zero tokens: the student's, and the
-    teachers' by teacher index."""
+    """The ``"head:input"`` addresses whose modules run on zero tokens: the student's (none when
+    a term reads the student's logits), and the teachers' by teacher index."""
     student: list[str] = []
     teacher: dict[int, list[str]] = {}
     for b in bound:
@@ -84,6 +87,8 @@ def elided_paths(bound: Sequence[BoundTerm]) -> tuple[list[str], dict[int, list[
             ((s_address, t_address, _),) = b.layers
             student.append(s_address)
             teacher.setdefault(b.term.teacher_index, []).append(t_address)
+    if any(b.on_logits for b in bound):
+        student = []
     return student, teacher
 
 
