@@ -17,6 +17,13 @@ under ``no_grad`` more memory than its logits), and not the head's input in ever
 The hook needs no model argument, works for any model that calls its head module (Hugging Face
 or not, any transformers version), and reads exactly what the head multiplies.
 
+Labels: the term's ``target`` is aligned with the hidden states, ``labels[:, t]`` the token
+after position ``t`` (-100: no loss there), shifted once by the data, as :mod:`kdkit.data.text`
+and :mod:`kdkit.generation` make them; no loss shifts again. Usage::
+
+    distiller = Distiller(student, teacher, [Term(FusedLinearJSDLoss(beta=0.5, ignore_index=-100))])
+    out = distiller(input_ids, labels)   # out.student_output.logits has shape [B, 0, V]
+
 What this needs of the models, checked when the Distiller is built: an online teacher module
 (a cache holds no hidden states and weights), a head with a 2-D ``weight`` and no bias, and no
 transform of the logits after the head (Gemma's ``final_logit_softcapping``, a ``logit_scale``):
