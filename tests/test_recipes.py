@@ -64,7 +64,9 @@ def test_teacher_generations_are_greedy_continuations_with_labels_on_them_only()
     teacher = _gpt2(1)
     prompts = torch.tensor([[5, 6, 7, 8], [9, 10, PAD, PAD]])  # right-padded prompts
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
-    batch = SequenceKD(teacher, max_new_tokens=5, pad_token_id=PAD, eos_token_id=[])(prompts, mask)
+    batch = SequenceKD(teacher, max_new_tokens=5, pad_token_id=PAD, eos_token_id=None)(
+        prompts, mask
+    )
     assert isinstance(batch, Generations) and batch.generated
     assert batch.input_ids.shape == batch.labels.shape == (2, 9)
     assert batch.attention_mask.tolist() == [[1] * 9, [1] * 7 + [0] * 2]
@@ -81,7 +83,7 @@ def test_teacher_generations_are_greedy_continuations_with_labels_on_them_only()
 def test_a_row_ends_at_its_first_eos_and_the_eos_is_learnt():
     teacher = _gpt2(1)
     prompts = torch.tensor([[5, 6, 7, 8], [3, 4, 11, 2]])
-    free = generate(teacher, prompts, max_new_tokens=6, pad_token_id=PAD, eos_token_id=[])
+    free = generate(teacher, prompts, max_new_tokens=6, pad_token_id=PAD)  # eos 50256 > V
     eos = int(free.input_ids[0, 5])  # the second token row 0 generates
     first = [(row[4:] == eos).nonzero()[:1].flatten().tolist() for row in free.input_ids]
     batch = generate(teacher, prompts, max_new_tokens=6, pad_token_id=PAD, eos_token_id=eos)
@@ -94,6 +96,9 @@ def test_a_row_ends_at_its_first_eos_and_the_eos_is_learnt():
         assert bool((batch.input_ids[row, 4 + n :] == PAD).all())
     assert first[0] == [0] or first[0] == [1]
     assert batch.labels[0, 3 + first[0][0]] == eos
+    teacher.generation_config.eos_token_id = eos  # where generate stops when given no EOS
+    default = generate(teacher, prompts, max_new_tokens=6, pad_token_id=PAD, eos_token_id=[])
+    assert torch.equal(default.labels, batch.labels)
 
 
 def test_lmbda_zero_keeps_the_data_and_lmbda_one_always_generates():

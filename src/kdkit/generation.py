@@ -107,8 +107,9 @@ def generate(
 
     ``prompt_ids [B, P]`` with ``prompt_mask`` (1 = real token; right or left padding; None:
     all real). The model runs in eval mode (restored after) under a torch RNG forked and seeded
-    with ``seed``. A row ends at its first ``eos_token_id`` (default: the model's
-    ``generation_config.eos_token_id``), which is kept; what follows is padding.
+    with ``seed``. A row ends at its first ``eos_token_id`` (None or empty: the model's
+    ``generation_config.eos_token_id``, as ``generate`` itself), which is kept; what follows is
+    padding.
     """
     _check_positive("generate", "max_new_tokens", max_new_tokens)
     if prompt_ids.dim() != 2:
@@ -121,9 +122,9 @@ def generate(
         )
     prompts = [row[keep.bool()] for row, keep in zip(prompt_ids, mask, strict=True)]
     left, left_mask = _left_padded(prompts, prompt_ids.shape[1], pad_token_id)
-    if eos_token_id is None:
-        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+    eos = _token_set(eos_token_id)
+    if not eos:  # what model.generate stops at when given none
+        eos = _token_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     modes = [(m, m.training) for m in model.modules()]
     devices = [left.device] if left.device.type == "cuda" else []
     try:
@@ -243,7 +244,11 @@ class OnPolicyGKD:
         self._rng = random.Random(seed)
 
     def __call__(
-        self, prompt_ids: Tensor, prompt_mask: Tensor | None = None, *, batch: Generations | None
+        self,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor | None = None,
+        *,
+        batch: Generations | None = None,
     ) -> Generations:
         on_policy = self._rng.random() < self.lmbda  # lmbda = 1: always; 0: never
         seed = self._rng.randrange(2**63)  # drawn either way: one stream whatever the coin says
@@ -271,6 +276,10 @@ class OnPolicyGKD:
 def _check_positive(who: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{who}: {name} must be a positive int, got {value!r}.")
+
+
+def _token_set(ids: int | Iterable[int] | None) -> set[int]:
+    return {ids} if isinstance(ids, int) else set(ids or ())
 
 
 def _rng_state(state: Any) -> tuple[Any, ...]:
