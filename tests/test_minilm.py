@@ -115,3 +115,18 @@ def test_saved_student_reloads_with_the_reported_embeddings(run_dir: Path, teach
     embeddings = student.encode(heldout, tokenizer)
     assert mean_cosine(embeddings, reference) == pytest.approx(after["cosine"], abs=1e-6)
     assert retrieval_agreement(embeddings, reference, 10) == after["retrieval_agreement"]
+
+
+@pytest.mark.slow  # importing sentence-transformers takes seconds
+def test_saved_student_loads_in_sentence_transformers(run_dir: Path) -> None:
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    saved = run_dir / "distilled" / "hf"
+    theirs = SentenceTransformer(str(saved), device="cpu", local_files_only=True)
+    ours = SentenceEncoder.from_pretrained(saved)
+    tokenizer = AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
+    sentences = ["Return a new sorted list.", "A man is eating food.", "x " * 400]  # truncated
+    expected = ours.encode(sentences, tokenizer)
+    got = torch.as_tensor(theirs.encode(sentences, convert_to_numpy=True))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
