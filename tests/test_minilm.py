@@ -30,7 +30,6 @@ SMOKE = [
     "data.max_length=64",
     "trainer.max_epochs=1",
     "trainer.log_every_n_steps=1",
-    "optimizer.lr=3e-4",
     "callbacks=none",
     "progress_bar=none",
     "evaluate.throughput_sentences=32",

@@ -23,9 +23,10 @@ into a shallower student initialised from its own layers.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
-import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -57,6 +58,7 @@ from kdkit.pipeline.log import get_logger
 from kdkit.pipeline.resume import resume_mode, run_info
 from kdkit.pipeline.run import save_config
 from kdkit.pipeline.stage import fit_stage
+from kdkit.report import _fmt, _kdkit_version
 
 log = get_logger(__name__)
 
@@ -210,29 +212,33 @@ def retrieval_agreement(student: Tensor, teacher: Tensor, k: int = 10) -> float:
     return float(overlap.double().mean() / k)
 
 
-def encode_throughput(
-    encoder: SentenceEncoder,
+def encode_throughputs(
+    encoders: Sequence[SentenceEncoder],
     sentences: Sequence[str],
     tokenizer: Any,
     batch_size: int,
     repeats: int,
     threads: int,
-) -> float:
-    """Sentences per second of :meth:`SentenceEncoder.encode` on the CPU (tokenization
-    included), with ``threads`` intra-op threads: the median of ``repeats`` timed passes over
-    ``sentences`` after one untimed batch."""
+) -> list[float]:
+    """Sentences per second of each encoder's :meth:`SentenceEncoder.encode` on the CPU
+    (tokenization included) with ``threads`` intra-op threads: the median of ``repeats`` timed
+    passes over ``sentences``, after one untimed batch each. The encoders take turns, one pass
+    each, in a rotating order (A B C, B C A, ...), so that the load of a shared machine weighs
+    on every one alike."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    times: list[list[float]] = [[] for _ in encoders]
     try:
-        encoder.encode(sentences[:batch_size], tokenizer, batch_size)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            encoder.encode(sentences, tokenizer, batch_size)
-            times.append(time.perf_counter() - start)
+        for encoder in encoders:
+            encoder.encode(sentences[:batch_size], tokenizer, batch_size)
+        for r in range(repeats):
+            for i in [(r + j) % len(encoders) for j in range(len(encoders))]:
+                start = time.perf_counter()
+                encoders[i].encode(sentences, tokenizer, batch_size)
+                times[i].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
-    return len(sentences) / statistics.median(times)
+    return [len(sentences) / statistics.median(t) for t in times]
 
 
 @dataclass
@@ -248,8 +254,8 @@ class EmbeddingRow:
     size_bytes: int
     cosine: float | None
     retrieval_agreement: float | None
-    sentences_per_s: float
-    speedup: float | None = None
+    sentences_per_s: float = math.nan
+    speedup: float = math.nan
 
 
 def measure(
@@ -261,36 +267,28 @@ def measure(
     tokenizer: Any,
     teacher_embeddings: Tensor | None,
 ) -> tuple[EmbeddingRow, Tensor]:
-    """The report row of ``encoder`` and its held-out embeddings."""
+    """The report row of ``encoder`` (throughput left for :func:`encode_throughputs`) and its
+    held-out embeddings."""
     ev = cfg.evaluate
     embeddings = encoder.encode(heldout, tokenizer, batch_size=int(ev.batch_size))
-    reference = embeddings if teacher_embeddings is None else teacher_embeddings
+    compared = teacher_embeddings is not None
     row = EmbeddingRow(
         role=role,
         name=name,
         layers=int(encoder.config.num_hidden_layers),
         params=sum(p.numel() for p in encoder.parameters()),
         size_bytes=size_on_disk(encoder),
-        cosine=None if teacher_embeddings is None else mean_cosine(embeddings, reference),
-        retrieval_agreement=None
-        if teacher_embeddings is None
-        else retrieval_agreement(embeddings, reference, int(ev.top_k)),
-        sentences_per_s=encode_throughput(
-            encoder,
-            heldout[: int(ev.throughput_sentences)],
-            tokenizer,
-            int(ev.batch_size),
-            int(ev.throughput_repeats),
-            int(ev.throughput_threads),
-        ),
+        cosine=mean_cosine(embeddings, teacher_embeddings) if compared else None,
+        retrieval_agreement=retrieval_agreement(embeddings, teacher_embeddings, int(ev.top_k))
+        if compared
+        else None,
     )
     log.info(
-        "[%s] cosine to teacher %s, top-%d agreement %s, %.1f sentences/s",
+        "[%s] cosine to teacher %s, top-%d agreement %s",
         role,
         _fmt(row.cosine, ".4f"),
         int(ev.top_k),
         _fmt(row.retrieval_agreement, ".4f"),
-        row.sentences_per_s,
     )
     return row, embeddings
 
@@ -298,10 +296,6 @@ def measure(
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
-    return "–" if value is None else f"{value * scale:{spec}}{suffix}"
 
 
 def _columns(k: int, threads: int) -> tuple[str, ...]:
@@ -331,7 +325,7 @@ def _summary(rows: Mapping[str, EmbeddingRow], k: int) -> str:
         f"The distilled {after.layers}-layer student's embeddings have a mean cosine of "
         f"{after.cosine:.4f} to the teacher's ({before.cosine:.4f} before distillation) and share "
         f"{after.retrieval_agreement * 100:.1f}% of its top-{k} neighbours "
-        f"({before.retrieval_agreement * 100:.1f}% before), at {after.speedup or 0:.2f}× the "
+        f"({before.retrieval_agreement * 100:.1f}% before), at {after.speedup:.2f}× the "
         f"teacher's CPU throughput and {after.size_bytes / teacher.size_bytes:.2f}× its size."
     )
 
@@ -358,13 +352,6 @@ def _markdown(
     return "\n".join(lines)
 
 
-def _kdkit_version() -> str | None:
-    try:
-        return importlib.metadata.version("kdkit")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def write_report(
     cfg: DictConfig,
     rows: Sequence[EmbeddingRow],
@@ -381,6 +368,7 @@ def write_report(
         f"{by_role['distilled'].name}, {cfg.distill.method})"
     )
     data = sentences.describe()
+    timed = min(int(ev.throughput_sentences), data["heldout"])
     notes = [
         _summary(by_role, k),
         f"Held-out: {data['heldout']} docstring paragraphs of modules never trained on "
@@ -388,8 +376,9 @@ def write_report(
         f"trained on {data['train']} others. Cosine: mean over sentences of the cosine between "
         f"the model's and the teacher's embedding. Top-{k} agreement: mean overlap of each "
         f"sentence's {k} nearest neighbours among the held-out set, by this model and by the "
-        f"teacher. Throughput: median of {int(ev.throughput_repeats)} passes over "
-        f"{int(ev.throughput_sentences)} held-out sentences (encode: batches of "
+        f"teacher. Throughput: median of {int(ev.throughput_repeats)} passes (the three models "
+        f"taking turns) over "
+        f"{timed} held-out sentences (encode: batches of "
         f"{int(ev.batch_size)} of similar length, tokenization included), {threads} CPU "
         "thread(s); speed-up is against the teacher.",
     ]
@@ -406,7 +395,7 @@ def write_report(
         "evaluation": {
             "top_k": k,
             "batch_size": int(ev.batch_size),
-            "throughput_sentences": int(ev.throughput_sentences),
+            "throughput_sentences": timed,
             "throughput_repeats": int(ev.throughput_repeats),
             "throughput_threads": threads,
         },
@@ -454,12 +443,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher_row, teacher_embeddings = row("teacher", str(cfg.teacher.name), teacher, None)
     student_name = str(cfg.student.name)
     before_row, _ = row("before distillation", student_name, student, teacher_embeddings)
+    before = copy.deepcopy(student)  # timed beside the others at the end
     distill(cfg, student, teacher, tokenizer, sentences.train, teacher_dir)
     method = f"{student_name} ({cfg.distill.method})"
     after_row, _ = row("distilled", method, student, teacher_embeddings)
     rows = [teacher_row, before_row, after_row]
-    for r in rows:
-        r.speedup = r.sentences_per_s / teacher_row.sentences_per_s
+    ev = cfg.evaluate
+    throughputs = encode_throughputs(
+        [teacher, before, student],
+        heldout[: int(ev.throughput_sentences)],
+        tokenizer,
+        int(ev.batch_size),
+        int(ev.throughput_repeats),
+        int(ev.throughput_threads),
+    )
+    for r, throughput in zip(rows, throughputs, strict=True):
+        r.sentences_per_s, r.speedup = throughput, throughput / throughputs[0]
+        log.info("[%s] %.1f sentences/s (CPU), %.2fx the teacher", r.role, throughput, r.speedup)
     hf_dir = student.save_pretrained(out / "distilled" / "hf", tokenizer)
     log.info("distilled student (save_pretrained + tokenizer): %s", hf_dir)
     extra = {
