@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kdkit.cli import main
-from kdkit.data.docstrings import load_docstring_sentences
+from kdkit.data.docstring_sentences import load_docstring_sentences
 from kdkit.models.sentence_encoder import SentenceEncoder
 from kdkit.pipeline.embedding import (
     load_teacher,

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 transformers = pytest.importorskip("transformers")
 
-from kdkit.config import terms_from_config  # noqa: E402
-from kdkit.data.docstrings import docstring_paragraphs, load_docstring_sentences  # noqa: E402
+from kdkit.config import load_distill_config, terms_from_config  # noqa: E402
+from kdkit.data.docstring_sentences import docstring_paragraphs, load_docstring_sentences  # noqa: E402
 from kdkit.distiller import Distiller  # noqa: E402
 from kdkit.models.sentence_encoder import SentenceEncoder, pool  # noqa: E402
 from kdkit.pipeline.embedding import (  # noqa: E402
@@ -22,8 +21,6 @@ from kdkit.pipeline.embedding import (  # noqa: E402
     retrieval_agreement,
     teacher_directory,
 )
-
-CONFIGS = Path(__file__).resolve().parents[1] / "src" / "kdkit" / "configs"
 
 SOURCE = '''"""Module summary line here.
 
@@ -158,14 +155,11 @@ def test_teacher_directory_errors_name_the_fix(tmp_path: Path, monkeypatch) -> N
 def test_embedding_distill_config_terms_equal_hand_written_values() -> None:
     """distill=embedding through the Distiller: cosine of the pooled vectors (no token mask)
     and MSE of the last token states over the kept tokens only."""
-    cfg = OmegaConf.load(CONFIGS / "distill" / "embedding.yaml")
-    cfg.hidden_weight = 0.5
-    root = OmegaConf.create({"distill": cfg})
+    distill = load_distill_config("embedding")
+    distill.hidden_weight = 0.5
     teacher = SentenceEncoder(_tiny_bert(1, layers=4))
     student = SentenceEncoder(_tiny_bert(2))
-    distiller = Distiller(
-        student, teacher, terms_from_config(root.distill), logits_selector="embedding"
-    )
+    distiller = Distiller(student, teacher, terms_from_config(distill), logits_selector="embedding")
     batch = _batch()
     out = distiller(batch)
     with torch.no_grad():

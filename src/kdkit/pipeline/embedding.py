@@ -12,8 +12,8 @@ into a shallower student initialised from its own layers.
 3. **distilled**: that student trained through a :class:`~kdkit.Distiller` whose terms are
    ``distill.terms`` (``distill=embedding``: cosine between the sentence vectors + masked MSE of
    the last token states) on the training sentences (``data``: docstring paragraphs of the
-   standard library, :mod:`kdkit.data.docstrings`), with Lightning (``trainer``, ``callbacks``,
-   ``logger`` groups; ``ckpt_path=last`` resumes). Shipped as ``distilled/hf/``:
+   standard library, :mod:`kdkit.data.docstring_sentences`), with Lightning (``trainer``,
+   ``callbacks``, ``logger`` groups; ``ckpt_path=last`` resumes). Shipped as ``distilled/hf/``:
    ``save_pretrained`` + tokenizer + sentence-transformers files.
 4. **report** (``report.md``, ``report.json``, the rich table): on the held-out sentences, each
    model's mean cosine to the teacher's embedding and top-k retrieval agreement (for each
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from kdkit.atomic import atomic_write_text
 from kdkit.config import terms_from_config
-from kdkit.data.docstrings import DocstringSentences, load_docstring_sentences
+from kdkit.data.docstring_sentences import DocstringSentences, load_docstring_sentences
 from kdkit.data.sentences import SentenceDataModule
 from kdkit.distiller import Distiller
 from kdkit.evaluation import size_on_disk
