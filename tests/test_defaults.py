@@ -20,9 +20,7 @@ METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "distill").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 # the classification pipeline's data modules (experiment=minilm's sentences are read by its task)
 DATASETS = sorted(
-    p.stem
-    for p in (Path(CONFIG_DIR) / "data").glob("*.yaml")
-    if "_target_" in OmegaConf.load(p)
+    p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml") if "_target_" in OmegaConf.load(p)
 )
 
 
