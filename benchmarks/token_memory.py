@@ -2,6 +2,7 @@
 fused-linear loss, side by side in one run (issue 10, "Done when", first bullet).
 
     python benchmarks/token_memory.py [--quick | --smoke] [--json out.json] [--threads N]
+        [--variants name,name,...]   (a subset, each with its naive loop; default: all)
 
 Full size: N = 2048 tokens, H = 512, V = 32000, float32, CPU, forward + backward.
 
@@ -13,6 +14,12 @@ Full size: N = 2048 tokens, H = 512, V = 32000, float32, CPU, forward + backward
   naive loop with the logits (``x @ W.T``, teacher's under no_grad), the same with kdkit's
   chunked ``KLDivLoss`` on those logits, and ``FusedLinearJSDLoss`` at beta = 0 (forward KL: the
   naive loop's divergence) and beta = 0.5.
+* Hugging Face GPT-2s (random init; student 1 layer, teacher 2, both of width H, vocabulary V,
+  B = 4 sequences of N / 4 tokens): the naive loop (both models' logits, the naive KL), the
+  Distiller with ``KLDivLoss`` on the full logits, and the Distiller with a
+  ``FusedLinearJSDLoss(beta=0)`` term, whose models compute no logits (:mod:`kdkit.fused`).
+  Their extra peak includes the models' activations and the student's gradients, alike in all
+  three.
 
 Extra peak memory: each variant runs once in a fresh Python process, after a small warm-up at a
 tiny size; it reads the resident set size after allocating its inputs (``VmRSS``) and the peak
@@ -52,9 +59,12 @@ LOGIT_VARIANTS = (
     "jsd_unchunked",
 )
 HIDDEN_VARIANTS = ("naive_linear_kl", "linear_then_kl_chunked", "fused_kl", "fused_jsd")
-NAIVE_OF = {name: "naive_kl" for name in LOGIT_VARIANTS} | {
-    name: "naive_linear_kl" for name in HIDDEN_VARIANTS
-}
+HF_VARIANTS = ("naive_hf_kl", "distiller_hf_kl", "distiller_hf_fused")
+NAIVE_OF = (
+    {name: "naive_kl" for name in LOGIT_VARIANTS}
+    | {name: "naive_linear_kl" for name in HIDDEN_VARIANTS}
+    | {name: "naive_hf_kl" for name in HF_VARIANTS}
+)
 
 
 def _naive(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -76,8 +86,56 @@ def _logit_losses() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
     }
 
 
+def _hf_step(name: str, n: int, h: int, v: int, seed: int) -> Callable[[], float]:
+    """A step of variant ``name`` with Hugging Face GPT-2s (see the module docstring)."""
+    from kdkit import Distiller, Term
+    from kdkit.models import create_model
+
+    batch, length = 4, max(n // 4, 1)
+
+    def gpt2(layers: int, model_seed: int) -> torch.nn.Module:
+        torch.manual_seed(model_seed)
+        config = dict(
+            vocab_size=v,
+            n_embd=h,
+            n_layer=layers,
+            n_head=8 if h % 64 == 0 else 2,
+            n_positions=length,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+        return create_model("hf:gpt2", v, head="causal_lm", config=config)
+
+    student, teacher = gpt2(1, seed), gpt2(2, seed + 1).requires_grad_(False).eval()
+    ids = torch.randint(0, v, (batch, length), generator=torch.Generator().manual_seed(seed))
+    if name == "naive_hf_kl":
+
+        def loss() -> torch.Tensor:
+            with torch.no_grad():
+                t = teacher(input_ids=ids).logits
+            return _naive(student(input_ids=ids).logits.flatten(0, 1), t.flatten(0, 1))
+
+    else:
+        term = L.KLDivLoss() if name == "distiller_hf_kl" else L.FusedLinearJSDLoss(0.0, 1.0, None)
+        distiller = Distiller(student, teacher, [Term(term)])
+
+        def loss() -> torch.Tensor:
+            return distiller({"input_ids": ids}).loss
+
+    def hf_step() -> float:
+        student.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        return value.item()
+
+    return hf_step
+
+
 def make_step(name: str, n: int, h: int, v: int, seed: int = 0) -> Callable[[], float]:
     """Allocate the inputs of variant ``name`` and return its forward + backward (-> the loss)."""
+    if name in HF_VARIANTS:
+        return _hf_step(name, n, h, v, seed)
     g = torch.Generator().manual_seed(seed)
     if name in LOGIT_VARIANTS:
         student = torch.randn(n, v, generator=g).requires_grad_(True)
@@ -145,13 +203,19 @@ def measure_memory(name: str, n: int, h: int, v: int, threads: int | None) -> di
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(mode: str = "full", threads: int | None = None) -> dict[str, Any]:
+def run(
+    mode: str = "full", threads: int | None = None, only: list[str] | None = None
+) -> dict[str, Any]:
     start = time.perf_counter()
     torch_threads = common.set_threads(threads)
     n, h, v = common.pick(mode, (64, 32, 512), (512, 256, 8000), (2048, 512, 32000))
     repeats = common.pick(mode, 2, 3, 5)
     logits_mib = n * v * 4 / 2**20
-    variants = LOGIT_VARIANTS + HIDDEN_VARIANTS
+    variants = tuple(
+        name
+        for name in LOGIT_VARIANTS + HIDDEN_VARIANTS + HF_VARIANTS
+        if only is None or name in only or name in {NAIVE_OF[x] for x in only}
+    )
     memory = {name: measure_memory(name, n, h, v, threads) for name in variants}
     steps = {name: make_step(name, n, h, v) for name in variants}
     times = common.interleaved(steps, repeats=repeats, warmup=1)
@@ -171,25 +235,33 @@ def run(mode: str = "full", threads: int | None = None) -> dict[str, Any]:
         load = (float("nan"),) * 3
     return {
         "mode": mode,
+        "only": only,
         "size": {"tokens": n, "hidden": h, "vocab": v, "dtype": "float32"},
         "logits_mib": logits_mib,
         "chunk_size": L.KLDivLoss().chunk_size,
         "fused_chunk_size": L.FusedLinearJSDLoss().chunk_size,
         "repeats": repeats,
         "variants": rows,
-        "goals": {
-            "chunked_logit_losses_max_x_logits": max(
-                rows[name]["extra_peak_x_logits"]
-                for name in ("kl_chunked", "reverse_kl_chunked", "jsd_chunked")
-            ),
-            "fused_kl_memory_vs_naive": rows["fused_kl"]["extra_peak_vs_naive"],
-            "fused_kl_time_vs_naive": rows["fused_kl"]["time_vs_naive"]["median"],
-        },
+        "goals": _goals(rows),
         "load_average": list(load),
         "torch_threads": torch_threads,
         "machine": common.machine_info(),
         "wall_s": time.perf_counter() - start,
     }
+
+
+def _goals(rows: dict[str, Any]) -> dict[str, float]:
+    """The issue's goals, of the variants that ran."""
+    goals = {}
+    chunked = ("kl_chunked", "reverse_kl_chunked", "jsd_chunked")
+    if all(name in rows for name in chunked):
+        goals["chunked_logit_losses_max_x_logits"] = max(
+            rows[name]["extra_peak_x_logits"] for name in chunked
+        )
+    if "fused_kl" in rows:
+        goals["fused_kl_memory_vs_naive"] = rows["fused_kl"]["extra_peak_vs_naive"]
+        goals["fused_kl_time_vs_naive"] = rows["fused_kl"]["time_vs_naive"]["median"]
+    return goals
 
 
 DESCRIPTIONS = {
@@ -204,6 +276,9 @@ DESCRIPTIONS = {
     "linear_then_kl_chunked": "`x @ W.T` logits, then `KLDivLoss()` (chunked)",
     "fused_kl": "`FusedLinearJSDLoss(beta=0)` (forward KL)",
     "fused_jsd": "`FusedLinearJSDLoss(beta=0.5)`",
+    "naive_hf_kl": "HF GPT-2s: naive loop on both models' logits",
+    "distiller_hf_kl": "HF GPT-2s: Distiller + `KLDivLoss()` on the logits",
+    "distiller_hf_fused": "HF GPT-2s: Distiller + `FusedLinearJSDLoss(beta=0)` term (no logits)",
 }
 
 
@@ -215,7 +290,8 @@ def report(result: dict[str, Any]) -> str:
         "## Token losses: memory and time",
         "",
         f"- command: `python benchmarks/token_memory.py"
-        f"{'' if result['mode'] == 'full' else ' --' + result['mode']}`",
+        f"{'' if result['mode'] == 'full' else ' --' + result['mode']}"
+        f"{' --variants ' + ','.join(result['only']) if result.get('only') else ''}`",
         f"- N = {size['tokens']} tokens, H = {size['hidden']}, V = {size['vocab']}, "
         f"{size['dtype']}, CPU, forward + backward; one [N, V] tensor = "
         f"{result['logits_mib']:.0f} MiB; chunk_size {result['chunk_size']} (logit losses), "
@@ -235,18 +311,21 @@ def report(result: dict[str, Any]) -> str:
             f"{row['extra_peak_vs_naive']:.2f} | {common.fmt_ms(row['time'])} | "
             f"{common.fmt_ratio(row['time_vs_naive'])} |"
         )
-    chunked = goals["chunked_logit_losses_max_x_logits"]
-    memory, speed = goals["fused_kl_memory_vs_naive"], goals["fused_kl_time_vs_naive"]
-    lines += [
-        "",
-        f"- **chunked logit losses: extra peak <= {chunked:.2f}x one logits tensor** (goal <= 2: "
-        f"{'met' if chunked <= 2 else 'not met'})",
-        f"- **fused-linear (beta=0) vs the naive loop: extra peak {memory:.2f}x** (goal <= 0.25: "
-        f"{'met' if memory <= 0.25 else 'not met'}), **time {speed:.2f}x** (goal <= 1.2: "
-        f"{'met' if speed <= 1.2 else 'not met'})",
-        "",
-        f"(wall time {result['wall_s']:.0f} s)",
-    ]
+    lines.append("")
+    if "chunked_logit_losses_max_x_logits" in goals:
+        chunked = goals["chunked_logit_losses_max_x_logits"]
+        lines.append(
+            f"- **chunked logit losses: extra peak <= {chunked:.2f}x one logits tensor** (goal "
+            f"<= 2: {'met' if chunked <= 2 else 'not met'})"
+        )
+    if "fused_kl_memory_vs_naive" in goals:
+        memory, speed = goals["fused_kl_memory_vs_naive"], goals["fused_kl_time_vs_naive"]
+        lines.append(
+            f"- **fused-linear (beta=0) vs the naive loop: extra peak {memory:.2f}x** (goal <= "
+            f"0.25: {'met' if memory <= 0.25 else 'not met'}), **time {speed:.2f}x** (goal <= "
+            f"1.2: {'met' if speed <= 1.2 else 'not met'})"
+        )
+    lines += ["", f"(wall time {result['wall_s']:.0f} s)"]
     return "\n".join(lines)
 
 
@@ -254,13 +333,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common.add_mode_args(argparse.ArgumentParser(description=__doc__))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--variants", help=f"comma-separated subset of {', '.join(NAIVE_OF)} (default: all)"
+    )
     args = parser.parse_args(argv)
     if args.child:
         n, h, v = (int(x) for x in args.size.split(","))
         result = child(args.child, n, h, v, args.threads)
         print(json.dumps(result))
         return result
-    result = run(common.mode_of(args), args.threads)
+    only = None if args.variants is None else args.variants.split(",")
+    unknown = sorted(set(only or ()) - set(NAIVE_OF))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; choose from {', '.join(NAIVE_OF)}")
+    result = run(common.mode_of(args), args.threads, only)
     print(report(result))
     if args.json is not None:
         common.write_json(result, args.json)

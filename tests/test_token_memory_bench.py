@@ -23,6 +23,8 @@ def test_variants_compute_the_divergences_they_claim():
     assert value["reverse_kl_chunked"] == pytest.approx(value["reverse_kl_unchunked"], rel=1e-6)
     assert value["jsd_chunked"] == pytest.approx(value["jsd_unchunked"], rel=1e-6)
     assert value["fused_jsd"] > 0
+    for name in ("distiller_hf_kl", "distiller_hf_fused"):
+        assert value[name] == pytest.approx(value["naive_hf_kl"], rel=1e-5)
 
 
 def test_memory_is_measured_in_a_fresh_process_and_the_report_renders():

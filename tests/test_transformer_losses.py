@@ -509,3 +509,20 @@ def test_bf16_projections_match_float64_on_the_same_values(loss, per_layer):
     for a, b in zip(low, high, strict=True):
         assert torch.isfinite(a.grad).all() and (a.grad[~MASK] == 0).all()
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=5e-2, atol=5e-3)
+
+
+def test_patient_kd_in_bf16_matches_float64_on_the_same_values():
+    torch.manual_seed(23)
+    student = [torch.randn(4, 5, 8).to(torch.bfloat16) for _ in range(2)]
+    teacher = [torch.randn(4, 5, 8).to(torch.bfloat16) for _ in range(2)]
+    low = [x.clone().requires_grad_(True) for x in student]
+    high = [x.double().requires_grad_(True) for x in student]
+    value_low = L.PatientKDLoss()(low, teacher)
+    value_high = L.PatientKDLoss()(high, [x.double() for x in teacher])
+    assert value_low.dtype == torch.float32  # normalised in float32, not in bf16
+    torch.testing.assert_close(value_low.double(), value_high, rtol=1e-2, atol=1e-3)
+    value_low.backward()
+    value_high.backward()
+    for a, b in zip(low, high, strict=True):
+        assert (a.grad[:, 1:] == 0).all()  # only the [CLS] position is read
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=5e-2, atol=5e-3)

@@ -17,7 +17,7 @@ import difflib
 import inspect
 import re
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -447,9 +447,9 @@ class _Capture(_ClearStore):
         super().__init__(store)
         self.path, self.selector, self.capture = path, selector, capture
 
-    def __call__(self, _module: nn.Module, args: Any, extra: Any) -> None:
+    def __call__(self, _module: nn.Module, args: Any, extra: Any) -> Any:
         if self.store is None:
-            return
+            return None
         if self.capture == "output":
             value = extra
         else:  # HF layers are often called as layer(hidden_states=...), with no positional args
@@ -458,6 +458,26 @@ class _Capture(_ClearStore):
             self.store[self.path] = select_tensor(value, self.selector)
         except TypeError as err:
             raise TypeError(f"FeatureCapture at '{self.path}' ({self.capture}): {err}") from err
+        return None
+
+
+class _CaptureAndElide(_Capture):
+    """Forward pre-hook: records the module's first positional input, then hands the module that
+    input with no tokens (the second-to-last axis cut to length 0), so it computes nothing.
+    On a language model's lm_head: the hidden states are read, and no logits are computed."""
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any) -> Any:
+        if self.store is None:
+            return None
+        if not args or not isinstance(args[0], Tensor) or args[0].dim() < 2:
+            raise ValueError(
+                f"'{self.path}': the module was called without a positional input tensor of "
+                "at least 2 dims (hidden states [..., tokens, H]), so it cannot run on zero "
+                f"tokens; got {_describe(args)}. A fused term reads the input of a head "
+                "called as head(hidden_states)."
+            )
+        self.store[self.path] = args[0]
+        return (args[0].narrow(-2, 0, 0), *args[1:]), kwargs
 
 
 def _register(
@@ -483,10 +503,24 @@ class StepCapture:
     fresh ``{address: tensor}`` (not detached; a module called several times keeps its last
     call). Lighter per call than a :class:`FeatureCapture`, which also serves long-lived
     captures (a pre-hook emptying its store, a finalizer).
+
+    ``elide`` names ``"module:input"`` addresses (no items) whose module, once its input is
+    recorded, runs on zero tokens (the second-to-last axis of its first input cut to length 0):
+    how a fused-linear term reads a language model's lm_head input while no logits are computed.
     """
 
-    def __init__(self, model: nn.Module, addresses: Sequence[str]) -> None:
+    def __init__(
+        self, model: nn.Module, addresses: Sequence[str], *, elide: Collection[str] = ()
+    ) -> None:
         parsed = [parse_address(a) for a in addresses]
+        for text in elide:
+            a = parse_address(text)
+            if text not in addresses or not a.input or a.items:
+                raise ValueError(
+                    f"StepCapture: elide={text!r} must be one of the captured addresses, of the "
+                    f"form 'module{INPUT_MARKER}' (no items); captured: {list(addresses)}."
+                )
+        self.elide = frozenset(elide)
         self.modules = [
             (a.text, resolve_module(model, a.module), a.pick if a.items else None, a.input)
             for a in parsed
@@ -505,7 +539,10 @@ class StepCapture:
         features: dict[str, Tensor] = {}
         handles = [
             module.register_forward_pre_hook(
-                _Capture(features, text, selector, "input"), with_kwargs=True
+                (_CaptureAndElide if text in self.elide else _Capture)(
+                    features, text, selector, "input"
+                ),
+                with_kwargs=True,
             )
             if reads_input
             else module.register_forward_hook(_Capture(features, text, selector, "output"))

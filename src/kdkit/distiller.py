@@ -20,17 +20,24 @@ from kdkit.batch import MASK_KEYS, call_model, find_mask, teacher_kwargs
 from kdkit.capture import Selector, StepCapture, select_tensor
 from kdkit.finite import FiniteCheck
 from kdkit.functional import shared_log_softmax
+from kdkit.fused import attach_heads, elided_paths
 from kdkit.hooks import DistillationHooks, check_loss_weights
-from kdkit.teachers import TeacherOutputs, Teachers, source_of, to_channels_last
+from kdkit.teachers import (
+    TeacherOutputs,
+    Teachers,
+    check_sparse_terms,
+    source_of,
+    to_channels_last,
+)
 from kdkit.term import (
     LOGITS,
-    BoundTerm,
     DistillerOutput,
     StepInputs,
     Term,
     bind_terms,
     build_adapters,
     check_paths,
+    check_vocab_map,
     feature_paths,
     name_terms,
 )
@@ -69,8 +76,10 @@ class Distiller(DistillationHooks, nn.Module):
         student: the model to train; ``distiller.student`` stays the plain module (no hooks
             outside a forward, no adapters), ready to ship.
         teacher: an ``nn.Module``, a sequence of them, an object with ``teacher_output(index,
-            epoch)`` (a :class:`kdkit.cache.TeacherCache`), a :class:`kdkit.teachers.TeacherSource`,
-            or None when teacher outputs always come with the batch.
+            epoch)`` (a :class:`kdkit.cache.TeacherCache`), a :class:`kdkit.cache.TokenCache`
+            (per-token top-k, read by sequence ``index`` for ``SparseKLDivLoss`` terms), a
+            :class:`kdkit.teachers.TeacherSource`, or None when teacher outputs always come with
+            the batch.
         terms: a sequence of :class:`Term`, or a mapping name -> Term (names from config keys).
         teacher_weights: weights of the teachers' probabilities (normalised to sum to 1).
         logits_selector: how to take the logits out of the models' outputs: None (a tensor; the
@@ -97,7 +106,8 @@ class Distiller(DistillationHooks, nn.Module):
             "segment_ids", "attention_mask": "input_mask"}`` for a batch in BERT's original
             names and a Hugging Face teacher.
         teacher_drop_keys: keys of a dict batch the teacher is not given (default the labels:
-            a Hugging Face teacher given ``labels`` would compute a loss nobody reads).
+            a Hugging Face teacher given ``labels`` would compute a loss nobody reads). With a
+            fused-linear term (:mod:`kdkit.fused`) the student is not given them either.
         loss_weights: ``[student_weight, distill_weight]``, as Intel Neural Compressor's: the
             hooks API's ``on_after_compute_loss`` returns ``student_weight · student_loss +
             distill_weight · Σ weight_i · term_i`` (default ``[1, 1]``).
@@ -150,6 +160,7 @@ class Distiller(DistillationHooks, nn.Module):
         self._bound = bind_terms(self.terms)
         self._reads_teacher = any(b.reads_teacher for b in self._bound)
         self._student_feature_paths, teacher_paths = feature_paths(self._bound)
+        student_elided, teacher_elided = elided_paths(self._bound)
         if compile and (self._student_feature_paths or any(teacher_paths.values())):
             raise ValueError(
                 "compile=True supports logit terms only; feature terms add hooks on every "
@@ -162,7 +173,9 @@ class Distiller(DistillationHooks, nn.Module):
             autocast_dtype=autocast_dtype,
             channels_last=channels_last,
             compile=compile,
+            elide=teacher_elided,
         )
+        check_sparse_terms(self._bound, source)
         self.teacher_side = Teachers(
             source, weights=teacher_weights, logits_selector=teacher_logits_selector
         )
@@ -170,7 +183,10 @@ class Distiller(DistillationHooks, nn.Module):
             {n: t.loss for n, t in self.terms.items() if isinstance(t.loss, nn.Module)}
         )
         check_paths(self._bound, student, self.teachers)
-        self._student_capture = StepCapture(student, self._student_feature_paths)
+        self._bound = attach_heads(self._bound, student, self.teachers)
+        self._student_capture = StepCapture(
+            student, self._student_feature_paths, elide=student_elided
+        )
         self.adapters = build_adapters(self._bound, student, self.teachers, example_input)
         self.epoch = 0
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
@@ -179,7 +195,7 @@ class Distiller(DistillationHooks, nn.Module):
         self.teacher_inputs = dict(teacher_inputs or {})
         self.teacher_drop_keys = frozenset(teacher_drop_keys)
         self.loss_weights = check_loss_weights(loss_weights)
-        self.vocab_map = _check_vocab_map(vocab_map, self._bound)
+        self.vocab_map = check_vocab_map(vocab_map, self._bound)
         if channels_last:
             student.to(memory_format=torch.channels_last)
         # A plain attribute, not a submodule: a second registration would duplicate the
@@ -252,6 +268,9 @@ class Distiller(DistillationHooks, nn.Module):
         teacher = self.teacher_outputs(
             inputs, teacher_output=teacher_output, index=index, epoch=epoch
         )
+        if self._student_capture.elide and isinstance(inputs, Mapping):
+            # no logits for a Hugging Face student's own loss on the labels (kdkit.fused)
+            inputs = teacher_kwargs(inputs, {}, self.teacher_drop_keys)
         if self._student_feature_paths:
             student_output, features = self._student_capture(self.student, inputs)
         else:
@@ -351,7 +370,7 @@ class Distiller(DistillationHooks, nn.Module):
 
     def compute_teacher_logits(self, inputs: Any) -> Tensor:
         """The teachers' logits for ``inputs`` (eval mode, no grad), several ensembled at T=1."""
-        outputs = self.teacher_side.outputs(inputs, epoch=self.epoch)
+        outputs = self.teacher_side.outputs(inputs, epoch=self.epoch, capture=False)
         return self.teacher_side.ensemble(outputs.logits, 1.0)
 
     def teacher_logits(self, inputs: Any) -> Tensor:
@@ -368,26 +387,6 @@ class Distiller(DistillationHooks, nn.Module):
         for t in self.teacher_side.modules:
             t._apply(fn, recurse)
         return super()._apply(fn, recurse)
-
-
-def _check_vocab_map(vocab_map: VocabMap | None, bound: Sequence[BoundTerm]) -> VocabMap | None:
-    if vocab_map is None:
-        return None
-    if not isinstance(vocab_map, VocabMap):
-        raise TypeError(
-            f"vocab_map must be a kdkit.vocab.VocabMap, got {type(vocab_map).__name__}; build one "
-            "with VocabMap.padded(len(tokenizer)) or VocabMap.from_tokenizers(student, teacher)."
-        )
-    if not vocab_map.is_prefix:
-        for b in bound:
-            if b.on_logits and b.reads_teacher and getattr(b.loss, "needs_target", False):
-                raise ValueError(
-                    f"term {b.name!r} ({type(b.loss).__name__}) reads class labels beside the "
-                    "teacher, but labels index the student's vocabulary, not the tokens the two "
-                    "tokenizers share (vocab_map); use a soft loss (e.g. KLDivLoss) for the "
-                    "teacher and a separate CrossEntropyLoss term for the labels."
-                )
-    return vocab_map
 
 
 def _renamed(old: str, old_value: Selector, new: str, new_value: Selector) -> Selector:

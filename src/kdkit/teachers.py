@@ -6,7 +6,9 @@ given with the batch when there is one, else from the :class:`TeacherSource`:
 
 * :class:`OnlineTeachers`: frozen ``nn.Module`` teachers run in eval mode under ``no_grad``
   (optionally under autocast, compiled, in channels_last), with feature hooks for feature terms;
-* :class:`CachedTeacher`: a :class:`kdkit.cache.TeacherCache` read by sample index and epoch.
+* :class:`CachedTeacher`: a :class:`kdkit.cache.TeacherCache` read by sample index and epoch,
+  or a :class:`kdkit.cache.TokenCache` (per-token top-k) read by sequence index, for
+  :class:`kdkit.losses.SparseKLDivLoss` terms.
 
 A new source (a token cache, a remote or generating teacher) subclasses :class:`TeacherSource`
 and can be passed to ``Distiller(student, teacher=source, ...)``. :meth:`Teachers.ensemble`
@@ -26,16 +28,22 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.batch import call_model
+from kdkit.cache.tokens import TokenCache, TopKTokens
 from kdkit.capture import Selector, StepCapture, select_tensor
+from kdkit.contract import DistillationLoss
+from kdkit.losses import SparseKLDivLoss
 
 _TRAINING = attrgetter("training")
 
 
 class TeacherOutputs(NamedTuple):
-    """Per teacher: its logits, and the features the terms read (``{module path: tensor}``)."""
+    """Per teacher: its logits (or, from a token cache, its sparse :class:`TopKTokens`) and the
+    features the terms read (``{module path: tensor}``); ``mask``: the tokens the teacher has
+    outputs for (bool ``[B, L]``), when not all of them."""
 
-    logits: list[Tensor]
+    logits: list[Tensor | TopKTokens]
     features: list[dict[str, Tensor]]
+    mask: Tensor | None = None
 
 
 class TeacherSource(ABC):
@@ -70,6 +78,8 @@ class OnlineTeachers(TeacherSource):
         autocast_dtype: run the teachers under ``torch.autocast`` with this dtype.
         channels_last: put the teachers and 4-D inputs in ``torch.channels_last``.
         compile: ``torch.compile`` the forwards of teachers whose features no term reads.
+        elide: per teacher index, the ``"module:input"`` feature paths whose module runs on zero
+            tokens (a fused-linear term's lm_head: no logits are computed; :mod:`kdkit.fused`).
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class OnlineTeachers(TeacherSource):
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        elide: Mapping[int, list[str]] | None = None,
     ) -> None:
         self.teachers = list(teachers)
         for t in self.teachers:
@@ -91,9 +102,10 @@ class OnlineTeachers(TeacherSource):
         # Read every step to re-assert eval mode: listing the modules once keeps that cheap.
         self._all_modules = [list(t.modules()) for t in self.teachers]
         self.feature_paths = [list(feature_paths.get(k, [])) for k in range(len(self.teachers))]
+        elide = elide or {}
         self._captures = [
-            StepCapture(t, paths)
-            for t, paths in zip(self.teachers, self.feature_paths, strict=True)
+            StepCapture(t, paths, elide=elide.get(k, ()))
+            for k, (t, paths) in enumerate(zip(self.teachers, self.feature_paths, strict=True))
         ]
         self.logits_selector = logits_selector
         self.autocast_dtype = autocast_dtype
@@ -108,8 +120,10 @@ class OnlineTeachers(TeacherSource):
         return self.teachers
 
     def outputs(
-        self, inputs: Any, *, index: Tensor | None = None, epoch: int = 0
+        self, inputs: Any, *, index: Tensor | None = None, epoch: int = 0, capture: bool = True
     ) -> TeacherOutputs:
+        """The teachers' outputs; ``capture=False`` runs them plainly, without the feature
+        captures (and so with their full logits even where a fused term elides the head)."""
         if self.channels_last:
             inputs = to_channels_last(inputs)
         logits, features = [], []
@@ -119,7 +133,7 @@ class OnlineTeachers(TeacherSource):
             if any(map(_TRAINING, self._all_modules[k])):
                 teacher.eval()
             with torch.no_grad(), self._autocast(inputs):
-                if self.feature_paths[k]:
+                if capture and self.feature_paths[k]:
                     output, captured = self._captures[k](teacher, inputs)
                 else:
                     output, captured = call_model(self._forwards[k], inputs), {}
@@ -135,8 +149,14 @@ class OnlineTeachers(TeacherSource):
 
 
 class CachedTeacher(TeacherSource):
-    """Teacher outputs read from a cache (an object with ``teacher_output(index, epoch)``, e.g. a
-    :class:`kdkit.cache.TeacherCache`) by the batch's sample indices."""
+    """Teacher outputs read from a cache by the batch's sample indices: an object with
+    ``teacher_output(index, epoch)`` (e.g. a :class:`kdkit.cache.TeacherCache`), or a
+    :class:`kdkit.cache.TokenCache`, whose per-token top-k distributions
+    (:class:`~kdkit.cache.TopKTokens`: top-k log-probabilities, their ids, the log tail mass)
+    are the sparse target of :class:`kdkit.losses.SparseKLDivLoss`, the loss every term reading
+    such a teacher must have (checked when the Distiller is built). Token sequences are
+    right-padded to the batch's longest, as :func:`kdkit.data.text.collate_sequences` pads the
+    inputs; the padded positions are dropped from the step's token mask."""
 
     def __init__(self, cache: Any, *, logits_selector: Selector = None) -> None:
         self.cache = cache
@@ -149,14 +169,35 @@ class CachedTeacher(TeacherSource):
             raise ValueError(
                 "this Distiller reads teacher outputs from a cache, which needs the batch's "
                 "sample indices: call distiller(x, y, index=idx) with a dataset that yields "
-                "(x, y, index) (wrap it in kdkit.data.IndexedDataset)."
+                "(x, y, index) (wrap it in kdkit.data.IndexedDataset; kdkit.data.text's token "
+                "datasets yield it)."
             )
+        if isinstance(self.cache, TokenCache):
+            return precomputed(self.cache.teacher_output(index))
         return precomputed(self.cache.teacher_output(index, epoch), self.logits_selector)
 
 
+def check_sparse_terms(bound: Sequence[Any], source: TeacherSource | None) -> None:
+    """Refuse a kdkit loss that reads dense teacher logits when the teacher is a token cache
+    (``bound``: the Distiller's :class:`kdkit.term.BoundTerm` list)."""
+    if not (isinstance(source, CachedTeacher) and isinstance(source.cache, TokenCache)):
+        return
+    for b in bound:
+        dense = isinstance(b.loss, DistillationLoss) and not isinstance(b.loss, SparseKLDivLoss)
+        if b.reads_teacher and (dense or not b.on_logits):
+            raise ValueError(
+                f"term {b.name!r} ({type(b.term.loss).__name__}) reads the teacher's "
+                f"{'logits' if b.on_logits else 'features'}, but the teacher is a TokenCache, "
+                "which holds the teacher's top-k log-probabilities per token; use "
+                "kdkit.losses.SparseKLDivLoss for the teacher term (or run the teacher online)."
+            )
+
+
 def precomputed(output: Any, logits_selector: Selector = None) -> TeacherOutputs:
-    """A teacher output given as data: a logits tensor, a model output, or
-    ``{"logits": ..., "features": {path: tensor}}``."""
+    """A teacher output given as data: a logits tensor, a model output, a
+    :class:`~kdkit.cache.TopKTokens`, or ``{"logits": ..., "features": {path: tensor}}``."""
+    if isinstance(output, TopKTokens):
+        return TeacherOutputs([output], [{}], output.mask)
     if isinstance(output, Mapping) and "features" in output:
         return TeacherOutputs([select_tensor(output, "logits")], [dict(output["features"])])
     return TeacherOutputs([select_tensor(output, logits_selector)], [{}])
@@ -187,9 +228,18 @@ class Teachers:
         return self.source.modules if self.source is not None else []
 
     def outputs(
-        self, inputs: Any, *, teacher_output: Any = None, index: Tensor | None = None, epoch: int
+        self,
+        inputs: Any,
+        *,
+        teacher_output: Any = None,
+        index: Tensor | None = None,
+        epoch: int,
+        capture: bool = True,
     ) -> TeacherOutputs:
-        """``teacher_output`` when given, else the source's outputs for this batch."""
+        """``teacher_output`` when given, else the source's outputs for this batch
+        (``capture=False``: online teachers run without their feature captures)."""
+        if not capture and isinstance(self.source, OnlineTeachers):
+            return self.source.outputs(inputs, capture=False)
         if teacher_output is not None:
             return precomputed(teacher_output, self.logits_selector)
         if self.source is None:
@@ -227,8 +277,9 @@ def source_of(
     **options: Any,
 ) -> TeacherSource | None:
     """The source for ``Distiller``'s ``teacher`` argument: an ``nn.Module``, a sequence (or
-    ``nn.ModuleList``) of them, a cache with ``teacher_output(index, epoch)``, a
-    :class:`TeacherSource`, or None. ``options`` go to :class:`OnlineTeachers`."""
+    ``nn.ModuleList``) of them, a :class:`~kdkit.cache.TokenCache`, a cache with
+    ``teacher_output(index, epoch)``, a :class:`TeacherSource`, or None. ``options`` go to
+    :class:`OnlineTeachers`."""
     if teacher is None or isinstance(teacher, TeacherSource):
         return teacher
     if isinstance(teacher, nn.ModuleList):
@@ -242,7 +293,7 @@ def source_of(
             raise ValueError("teacher is an empty list; pass at least one nn.Module or None.")
         return OnlineTeachers(teacher, feature_paths, logits_selector=logits_selector, **options)
     raise TypeError(
-        f"teacher must be an nn.Module, a list of nn.Modules, a TeacherCache, a "
+        f"teacher must be an nn.Module, a list of nn.Modules, a TeacherCache, a TokenCache, a "
         f"kdkit.teachers.TeacherSource or None, got {type(teacher).__name__}."
     )
 

@@ -13,17 +13,24 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor, nn
 
 from kdkit.adapters import ADAPTER_KINDS, build_adapter, probe_shapes
-from kdkit.capture import parse_address, resolve_module
+from kdkit.cache.tokens import TopKTokens
+from kdkit.capture import INPUT_MARKER, parse_address, resolve_module
 from kdkit.contract import DistillationLoss
-from kdkit.losses import AttentionLoss
+from kdkit.losses import AttentionLoss, FusedLinearJSDLoss
 from kdkit.vocab import VocabMap
 
+if TYPE_CHECKING:
+    from kdkit.teachers import TeacherOutputs
+
 LOGITS = "logits"
+LM_HEAD_INPUT = "lm_head" + INPUT_MARKER
+"""What a fused-linear term reads on both sides unless told otherwise: the input of the module
+named ``lm_head`` (Hugging Face causal LMs), multiplied there by that module's weight."""
 
 Ensemble = Callable[[list[Tensor], "float | None"], Tensor]
 
@@ -56,6 +63,14 @@ class Term:
             See :func:`kdkit.capture.parse_address`.
         teacher: ``"logits"``, an address (or list of them) of the teacher, or None for a term
             that only reads the student and the labels (e.g. cross-entropy on hard labels).
+
+            A :class:`~kdkit.losses.FusedLinearJSDLoss` term reads ``"lm_head:input"`` of both
+            models for ``"logits"`` (another head: ``student="head:input"``): it gets that
+            module's input (the last hidden states) and its weight, and the Distiller calls
+            both models so that the head runs on zero tokens, so no ``[B, L, V]`` logits exist
+            (see :mod:`kdkit.fused`). Its ``target`` are labels aligned with the hidden states
+            (``labels[:, t]`` is the token after position ``t``, shifted once, as
+            :mod:`kdkit.data.text` yields them), and ``ignore_index`` drops tokens.
         name: the key under which the term is logged; derived from the loss class when None.
         adapter: ``None`` (features are compared as they are), ``"identity"``, ``"linear"``,
             ``"conv"`` or ``"auto"``: a learned student-side projection to the teacher's shape.
@@ -122,30 +137,36 @@ class StepInputs(NamedTuple):
     target: Tensor | None
     mask: Tensor | None
     num_items_in_batch: int | Tensor | None
+    vocab_map: VocabMap | None = None
 
     @classmethod
     def of(
         cls,
         logits: Tensor,
         student_features: Mapping[str, Tensor],
-        teacher: tuple[list[Tensor], list[dict[str, Tensor]]],
+        teacher: TeacherOutputs,
         target: Tensor | None,
         mask: Tensor | None,
         num_items_in_batch: int | Tensor | None,
         vocab_map: VocabMap | None = None,
     ) -> StepInputs:
         """The record, once the teachers are checked to predict the student's classes (or
-        their logits are brought onto one vocabulary by ``vocab_map``)."""
-        teacher_logits, features = teacher
+        their logits are brought onto one vocabulary by ``vocab_map``), with the step's
+        ``mask`` narrowed to the tokens the teachers have outputs for."""
+        teacher_logits, features = teacher.logits, teacher.features
+        if teacher.mask is not None:
+            mask = teacher.mask if mask is None else teacher.mask & mask.bool()
         shared = logits
-        if vocab_map is not None:
+        if any(isinstance(t, TopKTokens) for t in teacher_logits):
+            shared = _sparse_shared(logits, teacher_logits, vocab_map)
+        elif vocab_map is not None:
             pairs = [vocab_map(logits, t) for t in teacher_logits]
             if pairs:
                 shared, teacher_logits = pairs[0][0], [t for _, t in pairs]
         for k, t in enumerate(teacher_logits):
-            if t.shape[-1] != shared.shape[-1]:
+            if _classes(t) != shared.shape[-1]:
                 raise ValueError(
-                    f"teacher {k} predicts {t.shape[-1]} classes (logits shape {tuple(t.shape)}) "
+                    f"teacher {k} predicts {_classes(t)} classes ({_describe(t)}) "
                     f"but the student predicts {logits.shape[-1]} (logits shape "
                     f"{tuple(logits.shape)}); give both models the same number of classes. For "
                     "language models whose lm_head is padded past the tokenizer's size, or whose "
@@ -161,7 +182,41 @@ class StepInputs(NamedTuple):
             target,
             mask,
             num_items_in_batch,
+            vocab_map,
         )
+
+
+def _classes(teacher: Tensor | TopKTokens) -> int:
+    return teacher.vocab_size if isinstance(teacher, TopKTokens) else teacher.shape[-1]
+
+
+def _describe(teacher: Tensor | TopKTokens) -> str:
+    if isinstance(teacher, TopKTokens):
+        return f"top-k tokens of a vocabulary of {teacher.vocab_size}"
+    return f"logits shape {tuple(teacher.shape)}"
+
+
+def _sparse_shared(
+    logits: Tensor, teachers: list[Tensor | TopKTokens], vocab_map: VocabMap | None
+) -> Tensor:
+    """The student's logits a sparse (top-k) teacher is compared with: all of them, or the
+    first ``vocab_map.size`` for a padded head; the tokens of both must line up."""
+    (cached,) = teachers
+    if tuple(cached.values.shape[:-1]) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"the cached teacher tokens cover {tuple(cached.values.shape[:-1])} positions but "
+            f"the student's logits {tuple(logits.shape[:-1])}; batch the sequences padded to "
+            "the longest of the batch (kdkit.data.text.collate_sequences), as the cache pads "
+            "them, and pass their index."
+        )
+    if vocab_map is None:
+        return logits
+    if not vocab_map.is_prefix:
+        raise ValueError(
+            f"{vocab_map!r} maps two tokenizers' vocabularies, but the cached top-k ids are the "
+            "teacher's; a token cache works with one tokenizer (VocabMap.padded(...) at most)."
+        )
+    return logits[..., : vocab_map.size]
 
 
 class CallableLoss:
@@ -196,6 +251,10 @@ class BoundTerm:
     on_logits: bool
     # (student path, teacher path, adapter key or None) per compared layer
     layers: tuple[tuple[str, str, str | None], ...]
+    # a fused-linear term: the lm_head modules (student, teacher) whose weights it reads, set by
+    # kdkit.fused.attach_heads once the models are known
+    lm_head: bool = False
+    heads: tuple[nn.Module, nn.Module] | None = None
 
     @property
     def wrapped(self) -> bool:
@@ -229,10 +288,14 @@ class BoundTerm:
                     "subclass, or drop num_items_in_batch."
                 )
         args = [student, teacher] if self.reads_teacher else [student]
+        if self.lm_head:
+            w_s, w_t = self._head_weights(step.vocab_map)
+            # a teacher run under autocast may hand its head half-precision hidden states
+            args = [student, w_s, teacher.to(w_t.dtype), w_t]
         if self.reads_target:
             if step.target is None:
                 raise ValueError(self._no_target())
-            if self.reads_teacher:
+            if self.reads_teacher and not self.lm_head:
                 kwargs["target"] = step.target
             else:
                 args.append(step.target)
@@ -240,6 +303,20 @@ class BoundTerm:
             return self.loss(*args, **kwargs)
         except ValueError as e:
             raise ValueError(f"term {self.name!r}: {e}") from e
+
+    def _head_weights(self, vocab_map: VocabMap | None) -> tuple[Tensor, Tensor]:
+        """The student's and the teacher's lm_head weights ``[V, H]``, on the shared rows of
+        ``vocab_map`` when there is one."""
+        if self.heads is None:
+            raise RuntimeError(
+                f"term {self.name!r} is a fused-linear term bound without its models; build it "
+                "through kdkit.Distiller, which attaches the lm_head modules."
+            )
+        w_s, w_t = self.heads[0].weight, self.heads[1].weight
+        if vocab_map is None:
+            return w_s, w_t
+        s, t = vocab_map(w_s.T, w_t.T)  # the map selects along the last (vocabulary) axis
+        return s.T, t.T
 
     def _no_target(self) -> str:
         ignore_index = getattr(self.loss, "ignore_index", None)
@@ -331,6 +408,28 @@ def _check_term(name: str, term: Term) -> None:
             f"{tp}; give the same number on both sides (kdkit.capture.map_layers builds such "
             "pairs)."
         )
+
+
+def check_vocab_map(vocab_map: VocabMap | None, bound: Sequence[BoundTerm]) -> VocabMap | None:
+    """``vocab_map``, checked: a VocabMap, and no teacher term reads labels through a map of two
+    tokenizers (the labels index the student's vocabulary)."""
+    if vocab_map is None:
+        return None
+    if not isinstance(vocab_map, VocabMap):
+        raise TypeError(
+            f"vocab_map must be a kdkit.vocab.VocabMap, got {type(vocab_map).__name__}; build one "
+            "with VocabMap.padded(len(tokenizer)) or VocabMap.from_tokenizers(student, teacher)."
+        )
+    if not vocab_map.is_prefix:
+        for b in bound:
+            if b.on_logits and b.reads_teacher and getattr(b.loss, "needs_target", False):
+                raise ValueError(
+                    f"term {b.name!r} ({type(b.loss).__name__}) reads class labels beside the "
+                    "teacher, but labels index the student's vocabulary, not the tokens the two "
+                    "tokenizers share (vocab_map); use a soft loss (e.g. KLDivLoss) for the "
+                    "teacher and a separate CrossEntropyLoss term for the labels."
+                )
+    return vocab_map
 
 
 def feature_paths(bound: Sequence[BoundTerm]) -> tuple[list[str], dict[int, list[str]]]:
@@ -430,9 +529,14 @@ def _bind(name: str, term: Term) -> BoundTerm:
         gets_mask = contract.takes_mask
     reads_teacher = term.teacher is not None and contract.reads_teacher
     adapted = term.adapter not in (None, "identity")  # "identity" needs no module
+    lm_head = isinstance(loss, FusedLinearJSDLoss)
+    pairs = (
+        _head_inputs(name, term)
+        if lm_head
+        else zip(term.student_paths, term.teacher_paths, strict=True)
+    )
     layers = tuple(
-        (sp, tp, f"{name}__{i}" if adapted else None)
-        for i, (sp, tp) in enumerate(zip(term.student_paths, term.teacher_paths, strict=True))
+        (sp, tp, f"{name}__{i}" if adapted else None) for i, (sp, tp) in enumerate(pairs)
     )
     # A loss with ignore_index set gets the labels whenever it is not told otherwise: without
     # them it would average over the ignored (padding) tokens.
@@ -445,9 +549,31 @@ def _bind(name: str, term: Term) -> BoundTerm:
         reads_target=term.reads_target or (term.target is None and ignores),
         gets_mask=gets_mask,
         gets_num_items=contract.per_sample,
-        on_logits=term.student == LOGITS,
+        on_logits=term.student == LOGITS and not lm_head,
         layers=layers,
+        lm_head=lm_head,
     )
+
+
+def _head_inputs(name: str, term: Term) -> list[tuple[str, str]]:
+    """The ``(student, teacher)`` lm_head input addresses a fused-linear term reads."""
+    student = LM_HEAD_INPUT if term.student == LOGITS else term.student
+    teacher = LM_HEAD_INPUT if term.teacher == LOGITS else term.teacher
+    for side, text in (("student", student), ("teacher", teacher)):
+        address = parse_address(text) if isinstance(text, str) else None
+        if address is None or not address.input or address.items:
+            raise ValueError(
+                f"term {name!r} ({type(term.loss).__name__}) reads {side}={text!r}; a fused-"
+                "linear term reads the input of one lm_head module per side: 'logits' (the "
+                f"module named lm_head) or 'module.path{INPUT_MARKER}'."
+            )
+    if term.adapter is not None:
+        raise ValueError(
+            f"term {name!r} ({type(term.loss).__name__}) has adapter={term.adapter!r}; a fused-"
+            "linear term multiplies each model's hidden states by its own lm_head (the hidden "
+            "sizes may differ), so it takes no adapter: drop it."
+        )
+    return [(student, teacher)]
 
 
 def _fits(mask: Tensor, student: Any) -> bool:
