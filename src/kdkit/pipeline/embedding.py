@@ -377,10 +377,9 @@ def write_report(
         f"the model's and the teacher's embedding. Top-{k} agreement: mean overlap of each "
         f"sentence's {k} nearest neighbours among the held-out set, by this model and by the "
         f"teacher. Throughput: median of {int(ev.throughput_repeats)} passes (the three models "
-        f"taking turns) over "
-        f"{timed} held-out sentences (encode: batches of "
-        f"{int(ev.batch_size)} of similar length, tokenization included), {threads} CPU "
-        "thread(s); speed-up is against the teacher.",
+        f"taking turns) over {timed} held-out sentences (encode: batches of {int(ev.batch_size)} "
+        f"of similar length, tokenization included), {threads} CPU thread(s); speed-up is "
+        "against the teacher.",
     ]
     payload = {
         "title": title,
@@ -406,8 +405,7 @@ def write_report(
     atomic_write_text(out / "report.md", _markdown(rows, title, k, threads, notes))
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(_table(rows, title, k, threads))
-    for note in notes[:1]:
-        console.print(note)
+    console.print(notes[0])
     return out / "report.md"
 
 
