@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from kdkit.atomic import atomic_path, atomic_write, atomic_write_bytes, atomic_write_text
+from kdkit.atomic import (
+    atomic_dir,
+    atomic_path,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+)
 
 
 def test_atomic_write_failure_leaves_no_partial_file(tmp_path: Path) -> None:
@@ -64,3 +70,24 @@ def test_atomic_path_nothing_written_raises_and_keeps_old_file(tmp_path: Path) -
     with pytest.raises(FileNotFoundError, match="nothing was written"), atomic_path(target):
         pass
     assert target.read_bytes() == b"v1"
+
+
+def test_atomic_dir_replaces_a_whole_directory_or_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "hf"
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".hf.") and tmp.is_dir()
+        (tmp / "config.json").write_text("v1")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("a1")
+        assert not target.exists()  # nothing there until the body finishes
+    assert (target / "config.json").read_text() == "v1"
+    assert (target / "sub" / "a.txt").read_text() == "a1"
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(target) as tmp:
+        (tmp / "config.json").write_text("half")
+        raise RuntimeError("boom")
+    assert (target / "config.json").read_text() == "v1"
+    with atomic_dir(target) as tmp:
+        (tmp / "config.json").write_text("v2")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]  # old files gone
+    assert (target / "config.json").read_text() == "v2"
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or old directory left

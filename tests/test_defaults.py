@@ -18,7 +18,10 @@ from kdkit.pipeline.keys import unread_keys
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "distill").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
-DATASETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml"))
+# the classification pipeline's data modules (experiment=minilm's sentences are read by its task)
+DATASETS = sorted(
+    p.stem for p in (Path(CONFIG_DIR) / "data").glob("*.yaml") if "_target_" in OmegaConf.load(p)
+)
 
 
 def _compose(overrides: list[str]):

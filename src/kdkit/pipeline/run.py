@@ -410,7 +410,10 @@ def dispatch(cfg: DictConfig) -> Any:
             f"whole with `kdkit run` (its teacher, scratch and distilled stages and report)."
         )
     preflight(cfg, _command_line_overrides())
-    set_threads(cfg, build_datamodule(cfg))
+    if task == DEFAULT_TASK:
+        set_threads(cfg, build_datamodule(cfg))
+    elif cfg.get("threads"):  # other tasks' models are not in the registry: threads as given
+        torch.set_num_threads(int(cfg.threads))
     try:
         return COMMANDS[command][0](cfg)
     finally:

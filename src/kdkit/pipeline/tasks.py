@@ -16,7 +16,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 DEFAULT_TASK = "classification"
-TASKS: dict[str, str] = {}
+TASKS: dict[str, str] = {
+    "sentence_embedding": "kdkit.pipeline.embedding:run",
+}
 
 
 def task_of(cfg: DictConfig) -> str:
