@@ -103,14 +103,12 @@ def _plain(value: Any) -> Any:
 def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     from kdkit.models import create_model
 
-    c, h, w = spec["input_shape"]
-    return create_model(
-        spec["name"],
-        num_classes=int(spec["num_classes"]),
-        in_channels=int(c),
-        image_size=(int(h), int(w)),
-        **dict(spec.get("kwargs") or {}),
-    )
+    kwargs = dict(spec.get("kwargs") or {})
+    shape = spec["input_shape"]
+    if len(shape) == 3:  # an image (C, H, W); text models take no image options
+        c, h, w = shape
+        kwargs.update(in_channels=int(c), image_size=(int(h), int(w)))
+    return create_model(spec["name"], num_classes=int(spec["num_classes"]), **kwargs)
 
 
 def save_model(
