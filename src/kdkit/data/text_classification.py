@@ -7,9 +7,9 @@ right-pads a batch into ``{"input_ids": [B, L], "attention_mask": [B, L], "label
 gets ``input_ids`` and ``attention_mask`` as keyword arguments).
 
 Registered data set ``stdlib_docstrings`` (:mod:`kdkit.data.docstrings`): the standard
-library's docstrings labelled by package, tokenized with a WordPiece tokenizer trained on its
-training split (:mod:`kdkit.data.wordpiece`); ``DataSplits.tokenizer`` is that tokenizer, to ship
-with the model.
+library's docstrings labelled by package, tokenized with a word-level tokenizer built from its
+training split (:mod:`kdkit.data.word_tokenizer`); ``DataSplits.tokenizer`` is that tokenizer,
+to ship with the model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from kdkit.data.docstrings import PACKAGES, load_docstrings
 from kdkit.data.registry import DatasetMeta, DataSplits, register_dataset
-from kdkit.data.wordpiece import cached_wordpiece
+from kdkit.data.word_tokenizer import cached_word_tokenizer
 
 __all__ = ["TokenizedTexts", "collate_tokens", "stdlib_docstrings"]
 
@@ -92,7 +92,8 @@ def stdlib_docstrings(
 ) -> DataSplits:
     """The standard library's docstrings labelled by package (:mod:`kdkit.data.docstrings`).
 
-    ``vocab_size``: the WordPiece vocabulary (trained on the full training split, cached);
+    ``vocab_size``: the tokenizer's vocabulary (the most frequent words of the full training
+    split, cached);
     ``max_length``: tokens per text, ``[CLS]`` and ``[SEP]`` included (longer ones are cut);
     ``train_samples`` / ``eval_samples``: keep that many evenly spaced samples of the training /
     each evaluation split (smoke runs); ``stdlib_dir``: another CPython ``Lib/`` directory;
@@ -103,7 +104,7 @@ def stdlib_docstrings(
             f"data.max_length must be an int >= 3 ([CLS], a token, [SEP]), got {max_length!r}"
         )
     docs = load_docstrings(Path(stdlib_dir) if stdlib_dir else None)
-    tokenizer = cached_wordpiece(
+    tokenizer = cached_word_tokenizer(
         [d.text for d in docs.train], vocab_size, max_length, cache_dir=cache_dir
     )
 
