@@ -125,19 +125,23 @@ def test_teacher_by_path_is_used_as_it_is(run_dir: Path, tmp_path: Path) -> None
 
 
 def test_teacher_path_without_config_json_or_with_other_classes_is_refused(
-    run_dir: Path, tmp_path: Path
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match="no config.json in it"):
+    with pytest.raises(SystemExit):
         kdkit("run", *SMOKE, f"teacher.name=hf:{empty}", f"hydra.run.dir={tmp_path / 'a'}")
+    assert "no config.json in it" in capsys.readouterr().err
     other = tmp_path / "two_classes"
     config = transformers.BertConfig(
         vocab_size=200, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_labels=2
     )
     transformers.BertForSequenceClassification(config).save_pretrained(other)
-    with pytest.raises(ValueError, match="predicts 2 classes.*has 8.*teacher.finetune=true"):
+    with pytest.raises(SystemExit):
         kdkit("run", *SMOKE, f"teacher.name=hf:{other}", f"hydra.run.dir={tmp_path / 'b'}")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "predicts 2 classes but dataset 'stdlib_docstrings' has 8" in err
+    assert "teacher.finetune=true" in err
 
 
 def test_eval_and_export_commands_take_the_hf_student(run_dir: Path, tmp_path: Path) -> None:
@@ -150,3 +154,31 @@ def test_eval_and_export_commands_take_the_hf_student(run_dir: Path, tmp_path: P
     kdkit("export", *SMOKE, f"checkpoint={model_file}", f"hydra.run.dir={out}")
     session = ort.InferenceSession(str(out / "model.onnx"))
     assert session.get_inputs()[1].shape == ["batch", "sequence"]
+
+
+def test_a_model_directory_is_built_as_saved_not_from_the_preset_sizes(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from kdkit.pipeline.build import spec_for
+    from kdkit.pipeline.checkpoint import build_from_spec
+
+    saved = transformers.BertForSequenceClassification(
+        transformers.BertConfig(
+            vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_labels=8
+        )
+    )
+    saved.save_pretrained(tmp_path / "model")
+    cfg = OmegaConf.create(
+        {
+            "teacher": {
+                "name": f"hf:{tmp_path / 'model'}",
+                "kwargs": {"head": "sequence_classification", "config": {"num_hidden_layers": 4}},
+            }
+        }
+    )
+    spec = spec_for(cfg, "teacher", 8, (20,))
+    assert spec["kwargs"] == {"head": "sequence_classification"}
+    model = build_from_spec(spec)
+    assert model.config.num_hidden_layers == 1
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name

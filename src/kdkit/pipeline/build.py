@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,7 +50,13 @@ def spec_for(cfg: DictConfig, role: str, num_classes: int, input_shape: Sequence
     if role not in ROLES:
         raise ValueError(f"model={role!r} is not a model role; use one of {', '.join(ROLES)}.")
     node = cfg[role]
-    return model_spec(node.name, node.kwargs or {}, num_classes, tuple(input_shape), role)
+    kwargs = dict(node.kwargs or {})
+    if hf_directory(str(node.name)) is not None and kwargs.pop("config", None):
+        # The directory's config.json is the model: overrides of its sizes would re-initialise
+        # the weights they touch (transformers only reports it).
+        log.info("%s.name=%s: %s.kwargs.config is not applied to a model directory", role,
+                 node.name, role)  # fmt: skip
+    return model_spec(node.name, kwargs, num_classes, tuple(input_shape), role)
 
 
 def build_model(cfg: DictConfig, role: str, num_classes: int, input_shape: Sequence[int]):
@@ -81,13 +86,14 @@ def _load_hf_teacher(
 ) -> tuple[nn.Module, dict]:
     directory = hf_directory(str(cfg.teacher.name))
     assert directory is not None
-    config_file = directory / "config.json"
-    if config_file.is_file():
-        labels = json.loads(config_file.read_text()).get("id2label")
-        if labels is not None and len(labels) != int(num_classes):
+    if (directory / "config.json").is_file():
+        from transformers import AutoConfig
+
+        labels = AutoConfig.from_pretrained(str(directory), local_files_only=True).num_labels
+        if labels != int(num_classes):
             raise ValueError(
                 f"teacher.name={cfg.teacher.name}: the model in {str(directory)!r} predicts "
-                f"{len(labels)} classes but dataset {cfg.data.name!r} has {num_classes}; use a "
+                f"{labels} classes but dataset {cfg.data.name!r} has {num_classes}; use a "
                 "model trained on this data set, or fine-tune this one first "
                 "(teacher.finetune=true: a new head, trained with labels)."
             )
