@@ -115,7 +115,8 @@ def test_run_exports_the_student_to_onnx_with_dynamic_batch_and_sequence(run_dir
 def test_teacher_by_path_is_used_as_it_is(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "by_path"
     teacher_dir = run_dir / "teacher" / "hf"
-    kdkit("run", *SMOKE, f"teacher.name=hf:{teacher_dir}", f"hydra.run.dir={out}")
+    # threads=null: the default thread count reads the directory's model (not on meta)
+    kdkit("run", *SMOKE, f"teacher.name=hf:{teacher_dir}", "threads=null", f"hydra.run.dir={out}")
     assert not (out / "teacher" / "checkpoints").exists()  # not trained again
     first = {m["role"]: m for m in json.loads((run_dir / "report.json").read_text())["models"]}
     again = {m["role"]: m for m in json.loads((out / "report.json").read_text())["models"]}

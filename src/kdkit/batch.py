@@ -34,7 +34,7 @@ def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
         return batch[0], batch[1], batch[2] if len(batch) == 3 else None
     length = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
     raise TypeError(
-        f"a batch must be (inputs, labels), (inputs, labels, index) or a dict with "
+        f"a batch must be (inputs, labels) or (inputs, labels, index), or a dict with "
         f"{LABELS_KEY!r}, got {type(batch).__name__}{length}; make the dataset yield such tuples "
         "(kdkit.data.IndexedDataset adds the index)."
     )

@@ -77,14 +77,14 @@ def _spread(items: Sequence[Any], limit: int | None) -> Sequence[Any]:
     return [items[i * len(items) // limit] for i in range(limit)]
 
 
-def _docstrings_meta(max_length: int = 128, **_options: Any) -> DatasetMeta:
+def _docstrings_meta(max_length: int = 64, **_options: Any) -> DatasetMeta:
     return DatasetMeta(len(PACKAGES), (int(max_length),))
 
 
 @register_dataset("stdlib_docstrings", meta=_docstrings_meta)
 def stdlib_docstrings(
     vocab_size: int = 4096,
-    max_length: int = 128,
+    max_length: int = 64,
     train_samples: int | None = None,
     eval_samples: int | None = None,
     stdlib_dir: str | None = None,
