@@ -66,6 +66,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task != DEFAULT_TASK:
         return task_runner(task)(cfg)
     start = time.perf_counter()
+    if cfg.export.in_run and cfg.export.onnx:
+        _check_export_extra()  # before the training, not after it
     out = output_dir(cfg)
     save_config(cfg)
     dm = build_datamodule(cfg)
@@ -329,6 +331,8 @@ def _check_export_extra() -> None:
 
 def export(cfg: DictConfig) -> dict[str, Any]:
     """ONNX (checked against torch in onnxruntime) and TorchScript files of a model file."""
+    if cfg.export.onnx:
+        _check_export_extra()
     path = _checkpoint_path(cfg)
     model = load_model(path, what="checkpoint")
     return _export_model(cfg, model, load_model_file(path)["spec"], output_dir(cfg))
@@ -356,8 +360,6 @@ def _export_model(
 ) -> dict[str, Any]:
     """ONNX (checked in onnxruntime; a Hugging Face model's batch and sequence axes dynamic)
     and TorchScript files of ``model`` in ``out``, as ``cfg.export`` asks."""
-    if cfg.export.onnx:
-        _check_export_extra()
     from kdkit.export import export_onnx, export_torchscript
 
     example = _example_input(model, spec)
