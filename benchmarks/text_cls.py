@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from digits_pipeline import ROLES, fmt, run_seed
+from omegaconf import OmegaConf
 
 from kdkit.atomic import atomic_write_text
 from kdkit.data.docstrings import load_docstrings
@@ -44,8 +45,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kdkit-text-bench-") as tmp:
         for seed in args.seeds:
             acc, wall = run_seed(seed, Path(tmp), overrides)
-            report = json.loads((Path(tmp) / f"seed_{seed}" / "report.json").read_text())
+            run_dir = Path(tmp) / f"seed_{seed}"
+            report = json.loads((run_dir / "report.json").read_text())
             models = {m["role"]: m for m in report["models"]}
+            config = OmegaConf.load(run_dir / "config.yaml")
             rows.append((seed, acc, wall, models))
             print(
                 f"seed {seed}: "
@@ -57,6 +60,7 @@ def main() -> None:
     data = load_docstrings().describe()
     means = {r: statistics.mean(a[r] for _, a, _, _ in rows) for r in ROLES}
     teacher, student = rows[0][3]["teacher"], rows[0][3]["distilled"]
+    t_cfg, s_cfg = config.teacher.kwargs.config, config.student.kwargs.config
     command = "kdkit run " + " ".join(["seed=<seed>", "progress_bar=none", *overrides])
     lines = [
         "# Text classification benchmark (`experiment=text_cls`)",
@@ -76,11 +80,16 @@ def main() -> None:
         f"Python {data['python_version']}, sha256 `{data['sha256'][:16]}…` (the texts differ "
         "between Python versions: compare numbers only at the same sha256).",
         "",
-        f"Teacher: 4-layer BERT, hidden 64 ({teacher['params']:,} parameters); student: 2 "
-        f"layers of the same width ({student['params']:,}), scratch from a random init, "
-        "distilled from the teacher's layers 1 and 3 with the transformer recipe (CE + KD at "
-        "T=2 on the [B, C] logits + masked hidden-state MSE via `output.hidden_states` + MiniLM "
-        "attention KL from the query/key projections). AdamW lr 5e-4, batch 32, 64 tokens.",
+        f"Teacher: {t_cfg.num_hidden_layers}-layer BERT, hidden {t_cfg.hidden_size} "
+        f"({teacher['params']:,} parameters, {config.teacher.max_epochs} epochs); student: "
+        f"{s_cfg.num_hidden_layers} layers, hidden {s_cfg.hidden_size} ({student['params']:,} "
+        f"parameters, {config.trainer.max_epochs} epochs, scratch and distilled alike), scratch "
+        f"from a random init, distilled from the teacher's layers "
+        f"(`init_from_teacher: {config.distill.init_from_teacher}`) with the transformer recipe "
+        f"(CE + KD at T={config.distill.temperature} on the [B, C] logits + masked hidden-state "
+        "MSE via `output.hidden_states` + MiniLM attention KL from the query/key projections). "
+        f"AdamW lr {config.optimizer.lr}, batch {config.data.batch_size}, at most "
+        f"{config.data.max_length} tokens, a {config.data.vocab_size}-word vocabulary.",
         "",
         "| seed | teacher acc (%) | scratch acc (%) | distilled acc (%) | distilled agreement "
         "(%) | wall time (s) |",
