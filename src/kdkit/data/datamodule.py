@@ -2,7 +2,8 @@
 
 Batches are ``(x, y, index)``: ``index`` is the sample's position in its split (the teacher
 cache keys on it) and ``y`` is ``-1`` for training samples whose label is hidden by
-``labeled_fraction``.
+``labeled_fraction``. A data set with a ``collate_fn`` (text) batches its own way: dicts of
+``input_ids``, ``attention_mask``, ``labels`` and ``index``.
 """
 
 from __future__ import annotations
