@@ -183,3 +183,13 @@ def test_a_model_directory_is_built_as_saved_not_from_the_preset_sizes(tmp_path:
     assert model.config.num_hidden_layers == 1
     for name, tensor in saved.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_cache_command_refuses_text_data(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    teacher = f"teacher.name=hf:{run_dir / 'teacher' / 'hf'}"
+    with pytest.raises(SystemExit):
+        kdkit("cache", *SMOKE, teacher, f"hydra.run.dir={tmp_path}")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "'stdlib_docstrings' pads its own batches" in err and "online teacher" in err

@@ -388,6 +388,13 @@ def cache(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     dm = build_datamodule(cfg)
     splits = dm.prepare()
+    if splits.collate_fn is not None:
+        raise ValueError(
+            f"`kdkit cache` batches samples with torch's default collation, but data set "
+            f"{cfg.data.name!r} pads its own batches (text, dict batches), which the teacher "
+            "cache does not support yet; distil with the online teacher instead (no "
+            "distill.teacher_cache)."
+        )
     teacher, _ = load_teacher(cfg, dm.num_classes, dm.input_shape)
     path = Path(str(cfg.cache.path or out / "teacher_cache"))
     epochs = int(cfg.cache.epochs)
