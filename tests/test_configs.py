@@ -28,6 +28,22 @@ TINY = [
     "student=small_cnn",
     "student.kwargs.width=4",
 ]
+# Methods made for Hugging Face BERT-style models (they read hidden states and attention
+# projections): tiny BERTs and a dict batch instead.
+HF_METHODS = {"transformer"}
+HF_TINY = [
+    "teacher=bert_4x64",
+    "student=bert_2x64",
+    *[
+        f"{role}.kwargs.config.{key}={value}"
+        for role in ("teacher", "student")
+        for key, value in (("hidden_size", 16), ("intermediate_size", 32), ("vocab_size", 50))
+    ],
+]
+
+
+def _tiny(method: str) -> list[str]:
+    return HF_TINY if method in HF_METHODS else TINY
 
 
 def _compose(overrides: list[str]):
@@ -51,6 +67,7 @@ def test_all_methods_and_experiments_are_shipped() -> None:
             "reverse_kl",
             "gjsd",
             "embedding",
+            "transformer",
         ]
     )
     assert {"digits", "cifar10_resnet50_resnet18", "cifar100_resnet32x4_resnet8x4"} <= set(
@@ -117,14 +134,19 @@ def test_cifar10_preset_is_seed_002() -> None:
 
 @pytest.mark.parametrize("method", sorted(set(METHODS) - TASK_METHODS))
 def test_method_builds_a_distiller_with_finite_loss(method: str) -> None:
-    cfg = _compose([f"distill={method}", *TINY])
+    cfg = _compose([f"distill={method}", *_tiny(method)])
     terms = terms_from_config(cfg.distill)
     # a term set to null in the method file (hinton's ce) is left out
     assert set(terms) == {name for name, node in cfg.distill.terms.items() if node is not None}
     torch.manual_seed(0)
-    teacher = build_from_spec(spec_for(cfg, "teacher", 10, (1, 8, 8)))
-    student = build_from_spec(spec_for(cfg, "student", 10, (1, 8, 8)))
+    shape = (12,) if method in HF_METHODS else (1, 8, 8)
+    teacher = build_from_spec(spec_for(cfg, "teacher", 10, shape))
+    student = build_from_spec(spec_for(cfg, "student", 10, shape))
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    if method in HF_METHODS:
+        mask = torch.ones(8, 12, dtype=torch.long)
+        mask[1, 6:] = 0
+        x = {"input_ids": torch.randint(0, 50, (8, 12)), "attention_mask": mask}
     distiller = Distiller(student, teacher, terms, example_input=x)
     out = distiller(x, y)
     assert math.isfinite(out.loss.item())
@@ -140,9 +162,10 @@ def test_method_file_outside_hydra_matches_the_composed_one(method: str) -> None
     # from Hydra's defaults list (configs/_distill_base.yaml), which it must merge the same way.
     from kdkit.config import load_distill_config
 
-    composed = _compose(["~experiment", f"distill={method}", *TINY])  # no preset overrides
+    composed = _compose(["~experiment", f"distill={method}", *_tiny(method)])  # no presets
+    keys = ("feature_layers", "embedding_layer", "attention_layers", "attention_heads")
     context = {
-        role: {k: composed[role][k] for k in ("feature_layers", "embedding_layer")}
+        role: {k: composed[role][k] for k in keys if k in composed[role]}
         for role in ("student", "teacher")
     }
     loaded = load_distill_config(method, context)
@@ -219,6 +242,16 @@ def test_feature_layers_are_the_models_own_feature_points(role: str, option: str
     # registers (feature_paths), and they, and the embedding layer, exist in the built model.
     cfg = _compose([f"{role}={option}"])
     shape = (3, 32, 32) if cfg.data.name != "digits" else (1, 8, 8)
+    if cfg[role].name.startswith("hf:"):
+        # Hugging Face models register no feature points: their configs name hidden states
+        # (one per layer and the embeddings) and attention projections that exist.
+        model = build_from_spec(spec_for(cfg, role, 10, (16,)))
+        layers = model.config.num_hidden_layers
+        expected = [f"output.hidden_states[{i}]" for i in range(layers + 1)]
+        assert set(cfg[role].feature_layers) <= set(expected)
+        for path in [*cfg[role].attention_layers, cfg[role].embedding_layer]:
+            model.get_submodule(path)
+        return
     model = build_from_spec(spec_for(cfg, role, 10, shape))
     layers = list(cfg[role].feature_layers)
     assert layers and layers == list(model.feature_paths)

@@ -14,16 +14,36 @@ UNLABELED = -1
 """The label of an unlabeled sample of a transfer set (the teacher labels it)."""
 
 
+LABELS_KEY, INDEX_KEY = "labels", "index"
+
+
 def unpack_batch(batch: Any) -> tuple[Any, Tensor, Tensor | None]:
-    """``(x, y)`` or ``(x, y, index)`` -> ``(x, y, index or None)``."""
+    """``(x, y)`` or ``(x, y, index)`` -> ``(x, y, index or None)``; a dict batch (Hugging Face
+    style) -> ``(the other keys as the model's keyword arguments, batch["labels"],
+    batch.get("index"))``."""
+    if isinstance(batch, Mapping):
+        if LABELS_KEY not in batch:
+            raise TypeError(
+                f"a dict batch must hold its labels under {LABELS_KEY!r}, got keys "
+                f"{sorted(batch)}; rename the label key (kdkit.data.text_classification."
+                "collate_tokens makes such batches)."
+            )
+        inputs = {k: v for k, v in batch.items() if k not in (LABELS_KEY, INDEX_KEY)}
+        return inputs, batch[LABELS_KEY], batch.get(INDEX_KEY)
     if isinstance(batch, tuple | list) and len(batch) in (2, 3):
         return batch[0], batch[1], batch[2] if len(batch) == 3 else None
     length = f" of length {len(batch)}" if isinstance(batch, tuple | list) else ""
     raise TypeError(
-        f"a batch must be (inputs, labels) or (inputs, labels, index), got "
-        f"{type(batch).__name__}{length}; make the dataset yield such tuples "
+        f"a batch must be (inputs, labels) or (inputs, labels, index), or a dict with "
+        f"{LABELS_KEY!r}, got {type(batch).__name__}{length}; make the dataset yield such tuples "
         "(kdkit.data.IndexedDataset adds the index)."
     )
+
+
+def first_rows(inputs: Any, n: int) -> Any:
+    """The first ``n`` samples of ``inputs``: every tensor in it (a tensor, a tuple or a dict of
+    them) cut to its first ``n`` rows."""
+    return apply_to_collection(inputs, Tensor, lambda t: t[:n])
 
 
 def to_device(inputs: Any, device: torch.device | str) -> Any:

@@ -11,18 +11,19 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_calibration_error,
 )
 
-from kdkit.batch import call_model, to_device, unpack_batch
+from kdkit.batch import call_model, first_rows, to_device, unpack_batch
 from kdkit.capture import select_tensor
 from kdkit.models.registry import count_parameters
 
@@ -157,23 +158,34 @@ def size_on_disk(model: nn.Module) -> int:
         os.unlink(tmp)
 
 
-def _first_input(example_batch: Any) -> Tensor:
+def _first_input(example_batch: Any) -> Tensor | dict[str, Tensor]:
+    """The inputs of ``example_batch``: a tensor ``[B, ...]``, or a dict of keyword tensors
+    ``[B, ...]`` (a Hugging Face batch; its ``labels`` and ``index`` left out)."""
+    if isinstance(example_batch, Mapping):
+        inputs = unpack_batch(example_batch)[0] if "labels" in example_batch else example_batch
+        tensors = {k: v for k, v in inputs.items() if isinstance(v, Tensor)}
+        if tensors and all(v.ndim >= 1 for v in tensors.values()):
+            return tensors
     if isinstance(example_batch, (tuple, list)) and example_batch:
         example_batch = example_batch[0]
     if not isinstance(example_batch, Tensor) or example_batch.ndim < 1:
         raise TypeError(
-            f"example_batch: got {type(example_batch).__name__}; expected a Tensor batch [B, ...] "
-            "or an (inputs, targets) tuple from a dataloader."
+            f"example_batch: got {type(example_batch).__name__}; expected a Tensor batch [B, ...], "
+            "a dict of keyword tensors [B, ...] (input_ids, attention_mask, ...) or an (inputs, "
+            "targets) tuple from a dataloader."
         )
     return example_batch
 
 
-def _median_ms(model: nn.Module, x: Tensor, repeats: int, warmup: int, num_threads: int) -> float:
+def _median_ms(
+    model: nn.Module, x: Tensor | dict[str, Tensor], repeats: int, warmup: int, num_threads: int
+) -> float:
     # torch's Timer sets (and restores) the thread count and synchronises CUDA; each timeit(1)
     # is one timed run after its own two untimed ones.
     benchmark = _benchmark()
+    call = "model(**x)" if isinstance(x, Mapping) else "model(x)"
     timer = benchmark.Timer(
-        "model(x)", globals={"model": model, "x": x}, num_threads=num_threads, timer=_clock
+        call, globals={"model": model, "x": x}, num_threads=num_threads, timer=_clock
     )
     if warmup:
         timer.timeit(warmup)
@@ -222,7 +234,8 @@ def measure_latency(
         )
     if num_threads < 1:
         raise ValueError(f"num_threads: got {num_threads}; expected an integer >= 1.")
-    batch = _first_input(example_batch).detach().cpu()
+    batch = apply_to_collection(_first_input(example_batch), Tensor, lambda t: t.detach().cpu())
+    rows = next(iter(batch.values())) if isinstance(batch, Mapping) else batch
     cpu_model = model
     if _model_device(model).type != "cpu":
         import copy
@@ -233,14 +246,14 @@ def measure_latency(
     cpu_model.eval()
     try:
         with torch.no_grad():
-            per_sample = _median_ms(cpu_model, batch[:1], repeats, warmup, num_threads)
+            per_sample = _median_ms(cpu_model, first_rows(batch, 1), repeats, warmup, num_threads)
             per_batch = _median_ms(cpu_model, batch, repeats, warmup, num_threads)
     finally:
         cpu_model.train(was_training)
     return {
         "latency_ms_per_sample": per_sample,
         "latency_ms_per_batch": per_batch,
-        "batch_size": int(batch.shape[0]),
+        "batch_size": int(rows.shape[0]),
         "num_threads": num_threads,
         "repeats": repeats,
         "warmup": warmup,

@@ -1,5 +1,10 @@
 """Ship the student: ONNX (checked in onnxruntime) and TorchScript export.
 
+A Hugging Face model is exported from a dict batch (``{"input_ids": ..., "attention_mask":
+...}``): the file's inputs are named after the keys, its one output is the logits (read from the
+model's ``ModelOutput``), and the batch and sequence axes are dynamic, checked in onnxruntime on
+a batch of another size and length than the export's.
+
 ONNX uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``, the
 default since PyTorch 2.9; it needs ``onnxscript``). Models it cannot capture fall back to the
 legacy TorchScript-based exporter with a warning. Files are written atomically and, for ONNX,
@@ -11,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from kdkit.atomic import atomic_path
+from kdkit.capture import select_tensor
 
 __all__ = [
     "ExportMismatchError",
@@ -55,6 +61,30 @@ def _require(module: str) -> Any:
         raise ImportError(
             f"kdkit.export needs the '{module}' package, which is not installed. {_INSTALL_HINT}"
         ) from exc
+
+
+class KeywordModel(nn.Module):
+    """``model`` called with keyword arguments (a Hugging Face model) as a module of positional
+    tensors, in the order of ``names``, that returns only the logits: the form the exporters
+    trace."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return select_tensor(self.model(**dict(zip(self.names, tensors, strict=True))))
+
+
+def _positional(model: nn.Module, example_input: Any) -> tuple[nn.Module, Any, list[str] | None]:
+    """``(model, inputs, names)``: a dict example becomes its tensors, in order, with the model
+    wrapped in :class:`KeywordModel` and the keys as input names; anything else is unchanged
+    (names None)."""
+    if not isinstance(example_input, Mapping):
+        return model, example_input, None
+    names = list(example_input)
+    return KeywordModel(model, names), tuple(example_input[n] for n in names), names
 
 
 def _as_inputs(example_input: Any) -> tuple[Tensor, ...]:
@@ -106,10 +136,14 @@ def _quiet_jit_deprecation() -> Iterator[None]:
         yield
 
 
-def _other_batch(inputs: Sequence[Tensor]) -> tuple[Tensor, ...]:
+def _other_batch(inputs: Sequence[Tensor], sequence: bool = False) -> tuple[Tensor, ...]:
     # A batch size that differs from the export's and reorders rows, so a graph that baked in
-    # the batch dimension or mixed samples is caught.
-    return tuple(torch.cat([x.flip(0), x[:1]]) for x in inputs)
+    # the batch dimension or mixed samples is caught; with `sequence`, also one token shorter
+    # (a graph that baked in the sequence length is caught too).
+    other = tuple(torch.cat([x.flip(0), x[:1]]) for x in inputs)
+    if sequence:
+        other = tuple(x[:, : max(1, x.shape[1] - 1)] for x in other)
+    return other
 
 
 def _eager(model: nn.Module, inputs: Sequence[Tensor]) -> list[Tensor]:
@@ -138,9 +172,11 @@ def check_onnx(
     """Run the ONNX file in onnxruntime (CPU) and compare with ``model`` in eval mode.
 
     Returns the max absolute difference over all outputs; raises :class:`ExportMismatchError`
-    when it exceeds ``atol`` or the output count/shapes differ.
+    when it exceeds ``atol`` or the output count/shapes differ. A dict ``example_input`` is fed
+    by name (the file's inputs are named after its keys, as :func:`export_onnx` writes them).
     """
     ort = _require("onnxruntime")
+    model, example_input, _ = _positional(model, example_input)
     inputs = _as_inputs(example_input)
     session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
@@ -176,12 +212,17 @@ def _export_dynamo(
     output_names: list[str],
     opset: int | None,
     dynamic_batch: bool,
+    dynamic_sequence: bool,
 ) -> None:
     _require("onnxscript")
     dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} for _ in inputs)
+    if dynamic_batch or dynamic_sequence:
+        axes = {0: torch.export.Dim("batch")} if dynamic_batch else {}
+        if dynamic_sequence:
+            axes[1] = torch.export.Dim("sequence")
+        dynamic_shapes = tuple(dict(axes) for _ in inputs)
+        if isinstance(model, KeywordModel):
+            dynamic_shapes = (dynamic_shapes,)  # one entry: its forward's *tensors
     program = torch.onnx.export(
         model,
         inputs,
@@ -205,10 +246,14 @@ def _export_legacy(
     output_names: list[str],
     opset: int | None,
     dynamic_batch: bool,
+    dynamic_sequence: bool,
 ) -> None:
     dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    if dynamic_batch or dynamic_sequence:
+        batch = {0: "batch"} if dynamic_batch else {}
+        sequence = {1: "sequence"} if dynamic_sequence else {}
+        dynamic_axes = {n: {**batch, **sequence} for n in input_names}
+        dynamic_axes.update({n: dict(batch) for n in output_names})
     with _quiet_jit_deprecation():
         torch.onnx.export(
             model,
@@ -231,19 +276,26 @@ def export_onnx(
     atol: float = 1e-4,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool | None = None,
     exporter: str = "auto",
 ) -> ExportedPath:
     """Export ``model`` (in eval mode) to ONNX at ``path`` and return the path.
 
-    ``example_input`` is a Tensor batch or a tuple of them (one per forward argument). With
-    ``dynamic_batch`` the first dimension of every input and output is symbolic (``batch``).
+    ``example_input`` is a Tensor batch, a tuple of them (one per forward argument) or a dict of
+    them (keyword arguments, a Hugging Face model's ``input_ids`` / ``attention_mask``: the
+    inputs are named after the keys and the one output, ``logits``, is taken from the model's
+    output). With ``dynamic_batch`` the first dimension of every input and output is symbolic
+    (``batch``); with ``dynamic_sequence`` (default: True for a dict example, else False) the
+    second dimension of every input is too (``sequence``), and the check also runs on a shorter
+    sequence.
     ``exporter``: ``"dynamo"`` (``torch.export``-based), ``"legacy"`` (TorchScript-based,
     deprecated upstream) or ``"auto"`` (dynamo, then legacy with a warning if dynamo fails).
     With ``check`` the file is run in onnxruntime on ``example_input`` and, if the batch is
     dynamic, on a batch of another size; an :class:`ExportMismatchError` (max abs diff > ``atol``)
     leaves ``path`` unwritten; the returned path's ``max_abs_diff`` is the largest difference
-    the check measured. Inputs named ``input`` / ``input_{i}``, outputs ``output`` /
-    ``output_{i}``. Files above 2 GB (protobuf limit) are not supported.
+    the check measured. Inputs named ``input`` / ``input_{i}`` (a dict's keys), outputs
+    ``output`` / ``output_{i}`` (``logits``). Files above 2 GB (protobuf limit) are not
+    supported.
     """
     if exporter not in ("auto", "dynamo", "legacy"):
         raise ValueError(f"exporter: got {exporter!r}; expected 'auto', 'dynamo' or 'legacy'.")
@@ -252,11 +304,24 @@ def export_onnx(
     onnx = _require("onnx")
     if check:
         _require("onnxruntime")
+    if dynamic_sequence is None:
+        dynamic_sequence = isinstance(example_input, Mapping)
+    original = model
+    model, example_input, names = _positional(model, example_input)
     inputs = _as_inputs(example_input)
+    if dynamic_sequence and any(x.ndim < 2 for x in inputs):
+        raise ValueError(
+            f"dynamic_sequence=True makes dimension 1 of every input symbolic, but the inputs "
+            f"have shapes {[tuple(x.shape) for x in inputs]}; pass [B, L] token inputs or "
+            "dynamic_sequence=False."
+        )
     eager_outputs = _eager(model, inputs)
-    input_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
     n_out = len(eager_outputs)
-    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    if names:
+        input_names, output_names = names, ["logits"]
+    else:
+        input_names = ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
+        output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     trace_inputs = inputs
     if dynamic_batch and inputs[0].shape[0] == 1:
         # torch.export specialises dimensions of size 1, so a batch-1 example would pin the batch.
@@ -265,7 +330,16 @@ def export_onnx(
     final = Path(path)
     result = ExportedPath(final)
     with atomic_path(final) as tmp, _eval_mode(model):
-        args = (model, trace_inputs, tmp, input_names, output_names, opset, dynamic_batch)
+        args = (
+            model,
+            trace_inputs,
+            tmp,
+            input_names,
+            output_names,
+            opset,
+            dynamic_batch,
+            dynamic_sequence,
+        )
         if exporter == "legacy":
             _export_legacy(*args)
         else:
@@ -288,8 +362,12 @@ def export_onnx(
                 _export_legacy(*args)
         onnx.checker.check_model(os.fspath(tmp))
         if check:
-            batches = [inputs, _other_batch(inputs)] if dynamic_batch else [inputs]
-            result.max_abs_diff = max(check_onnx(tmp, model, b, atol=atol) for b in batches)
+            batches = [inputs]
+            if dynamic_batch or dynamic_sequence:
+                batches.append(_other_batch(inputs, sequence=dynamic_sequence))
+            if names:
+                batches = [dict(zip(names, b, strict=True)) for b in batches]
+            result.max_abs_diff = max(check_onnx(tmp, original, b, atol=atol) for b in batches)
     return result
 
 
@@ -306,7 +384,9 @@ def export_torchscript(
     With ``check`` the trace is checked by ``torch.jit.trace`` itself (``check_inputs``): it is
     re-traced on ``example_input`` and on a batch of another size, and the graphs and outputs
     must agree with the eager model (within ``atol``); otherwise :class:`ExportMismatchError`
-    is raised and ``path`` is left unwritten. ``torch.jit`` is deprecated since PyTorch 2.10
+    is raised and ``path`` is left unwritten. A dict ``example_input`` (a Hugging Face model's
+    keyword arguments) is traced as positional inputs in its key order, returning the logits.
+    ``torch.jit`` is deprecated since PyTorch 2.10
     (its FutureWarnings are silenced here); prefer :func:`export_onnx` for deployment. Tracing
     records one path through the code: data-dependent control flow is frozen to the branch the
     example took.
@@ -316,6 +396,7 @@ def export_torchscript(
             f"export_torchscript: torch {torch.__version__} has no torch.jit.trace. "
             "Fix: use kdkit.export.export_onnx instead."
         )
+    model, example_input, _ = _positional(model, example_input)
     inputs = _as_inputs(example_input)
     final = Path(path)
     with atomic_path(final) as tmp, _eval_mode(model), _quiet_jit_deprecation():

@@ -1,9 +1,12 @@
 """Lightning modules: supervised training (teachers, scratch baselines) and distillation.
 
-Both read batches ``(x, y)`` or ``(x, y, index)``; labels equal to -1 mark unlabeled samples of a
-transfer set (they are ignored by the cross-entropy here; the teacher labels them through the
-distillation terms). The distillation module's checkpoints hold the student, its adapters and
-learnable loss parts, never the teacher (it is not a registered submodule of the Distiller).
+Both read batches ``(x, y)`` or ``(x, y, index)``, or Hugging Face dict batches (``input_ids``,
+``attention_mask``, ..., ``labels``, ``index``: the model is called with the other keys as keyword
+arguments and its logits are read from its output, :func:`kdkit.batch.unpack_batch`); labels
+equal to -1 mark unlabeled samples of a transfer set (they are ignored by the cross-entropy
+here; the teacher labels them through the distillation terms). The distillation module's
+checkpoints hold the student, its adapters and learnable loss parts, never the teacher (it is not
+a registered submodule of the Distiller).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from kdkit.batch import UNLABELED, unpack_batch
+from kdkit.batch import UNLABELED, call_model, unpack_batch
+from kdkit.capture import select_tensor
 from kdkit.distiller import Distiller
 from kdkit.functional import cross_entropy
 
@@ -60,8 +64,10 @@ class _ClassificationModule(L.LightningModule):
     def model(self) -> nn.Module:
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)
+    def forward(self, x: Any) -> Tensor:
+        """The model's logits for inputs ``x`` (a tensor, a tuple, or a dict of keyword
+        arguments)."""
+        return select_tensor(call_model(self.model, x))
 
     def on_train_epoch_start(self) -> None:
         # Seeded-view datasets (kdkit.cache.SeededViews) serve the view of the current epoch.
@@ -80,8 +86,14 @@ class _ClassificationModule(L.LightningModule):
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt)}}
 
-    def _mix(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _mix(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
         if self.mixup_alpha > 0:
+            if not isinstance(x, Tensor):
+                raise ValueError(
+                    f"mixup mixes input tensors, but this batch's inputs are a "
+                    f"{type(x).__name__} (e.g. token ids, which cannot be mixed); set "
+                    "distill.mixup_alpha=0 for this data set."
+                )
             return mixup(x, y, self.mixup_alpha, self.num_classes)
         return x, y
 
@@ -121,7 +133,7 @@ class ClassifierModule(_ClassificationModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y, _ = unpack_batch(batch)
         x, y = self._mix(x, y)
-        loss = cross_entropy(self.net(x), y)
+        loss = cross_entropy(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -2,10 +2,13 @@
 
 Batches are ``(x, y, index)``: ``index`` is the sample's position in its split (the teacher
 cache keys on it) and ``y`` is ``-1`` for training samples whose label is hidden by
-``labeled_fraction``.
+``labeled_fraction``. A data set with a ``collate_fn`` (text) batches its own way: dicts of
+``input_ids``, ``attention_mask``, ``labels`` and ``index``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -52,12 +55,17 @@ class KDDataModule(L.LightningDataModule):
         self.dataset_options = dict(dataset_options)
         meta = dataset_meta(name, **self.dataset_options)
         self.num_classes: int = meta.num_classes
-        self.input_shape: tuple[int, int, int] = meta.input_shape
+        self.input_shape: tuple[int, ...] = meta.input_shape
         self.splits: DataSplits | None = None
 
     @property
     def class_names(self) -> list[str]:
         return self.prepare().class_names
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of a text data set (None for images)."""
+        return self.prepare().tokenizer
 
     def prepare(self) -> DataSplits:
         """Build the splits once (idempotent); returns them."""
@@ -89,6 +97,7 @@ class KDDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             drop_last=self.drop_last and split == "train",
             persistent_workers=persistent,
+            collate_fn=splits.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:

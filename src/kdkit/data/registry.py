@@ -13,6 +13,11 @@ Options every dataset accepts (handled here, not by the builders):
 
 All splits are wrapped in :class:`kdkit.data.indexed.IndexedDataset`, so every sample is
 ``(x, y, index)`` with ``index`` its position in that split (the teacher cache keys on it).
+
+``input_shape`` is what one input is: ``(C, H, W)`` for images, ``(max_length,)`` (tokens per
+text) for text. A text data set also gives the ``collate_fn`` that pads its samples into dict
+batches (:func:`kdkit.data.text_classification.collate_tokens`) and the ``tokenizer`` to ship
+with a model trained on it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import difflib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -37,14 +43,16 @@ class DataSplits:
     val: Dataset
     test: Dataset
     num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (max_length,) for text
     class_names: list[str] = field(default_factory=list)
+    collate_fn: Callable[[list[Any]], Any] | None = None  # None: torch's default collation
+    tokenizer: Any = None  # text: the tokenizer that made the input ids
 
 
 @dataclass(frozen=True)
 class DatasetMeta:
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (max_length,) for text
 
 
 MetaFn = Callable[..., DatasetMeta]

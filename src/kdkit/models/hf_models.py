@@ -47,7 +47,8 @@ def _transformers() -> Any:
     return transformers
 
 
-def _is_path(target: str) -> bool:
+def is_local_path(target: str) -> bool:
+    """Whether ``hf:<target>`` names a local directory (a path), not a model type."""
     return "/" in target or target.startswith(".") or Path(target).is_dir()
 
 
@@ -58,7 +59,7 @@ def hf_config(target: str, num_classes: int, head: str, config: Mapping[str, Any
     fields = dict(config)
     if head == "sequence_classification":
         fields.setdefault("num_labels", num_classes)
-    if _is_path(target):
+    if is_local_path(target):
         directory = Path(target).expanduser()
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(
@@ -100,7 +101,7 @@ def create_hf_model(
     auto = getattr(transformers, HEADS[head])
     model_config = hf_config(target, num_classes, head, config or {})
     model_config._attn_implementation = attn_implementation
-    if _is_path(target):
+    if is_local_path(target):
         model = auto.from_pretrained(
             str(Path(target).expanduser()), config=model_config, local_files_only=True
         )

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
+from kdkit.models.hf_models import HF_PREFIX, is_local_path
 from kdkit.pipeline.callbacks import build_callbacks
 from kdkit.pipeline.checkpoint import (
     AtomicCheckpointIO,
@@ -49,7 +50,13 @@ def spec_for(cfg: DictConfig, role: str, num_classes: int, input_shape: Sequence
     if role not in ROLES:
         raise ValueError(f"model={role!r} is not a model role; use one of {', '.join(ROLES)}.")
     node = cfg[role]
-    return model_spec(node.name, node.kwargs or {}, num_classes, tuple(input_shape), role)
+    kwargs = dict(node.kwargs or {})
+    if hf_directory(str(node.name)) is not None and kwargs.pop("config", None):
+        # The directory's config.json is the model: overrides of its sizes would re-initialise
+        # the weights they touch (transformers only reports it).
+        log.info("%s.name=%s: %s.kwargs.config is not applied to a model directory", role,
+                 node.name, role)  # fmt: skip
+    return model_spec(node.name, kwargs, num_classes, tuple(input_shape), role)
 
 
 def build_model(cfg: DictConfig, role: str, num_classes: int, input_shape: Sequence[int]):
@@ -58,13 +65,56 @@ def build_model(cfg: DictConfig, role: str, num_classes: int, input_shape: Seque
     return build_from_spec(spec), spec
 
 
-def load_teacher(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, dict]:
-    """Load ``teacher.checkpoint``, checking that it predicts the data's classes."""
+def hf_directory(name: str) -> Path | None:
+    """The local directory of model name ``hf:<directory>``, else None."""
+    if not name.startswith(HF_PREFIX) or not is_local_path(name[len(HF_PREFIX) :]):
+        return None
+    return Path(name[len(HF_PREFIX) :]).expanduser()
+
+
+def teacher_is_trained(cfg: DictConfig) -> bool:
+    """Whether the teacher is used as it is, without a training stage: ``teacher.checkpoint``
+    is set, or ``teacher.name`` is ``hf:<local directory>`` (a trained Hugging Face model,
+    e.g. a ``<run>/teacher/hf`` folder) and ``teacher.finetune`` is not true."""
+    if cfg.teacher.checkpoint:
+        return True
+    return hf_directory(str(cfg.teacher.name)) is not None and not cfg.teacher.get("finetune")
+
+
+def _load_hf_teacher(
+    cfg: DictConfig, num_classes: int, input_shape: Sequence[int]
+) -> tuple[nn.Module, dict]:
+    directory = hf_directory(str(cfg.teacher.name))
+    assert directory is not None
+    if (directory / "config.json").is_file():
+        from transformers import AutoConfig
+
+        labels = AutoConfig.from_pretrained(str(directory), local_files_only=True).num_labels
+        if labels != int(num_classes):
+            raise ValueError(
+                f"teacher.name={cfg.teacher.name}: the model in {str(directory)!r} predicts "
+                f"{labels} classes but dataset {cfg.data.name!r} has {num_classes}; use a "
+                "model trained on this data set, or fine-tune this one first "
+                "(teacher.finetune=true: a new head, trained with labels)."
+            )
+    model, spec = build_model(cfg, "teacher", num_classes, input_shape)
+    model.kdkit_spec = spec  # type: ignore[assignment]
+    return model.eval(), spec
+
+
+def load_teacher(
+    cfg: DictConfig, num_classes: int, input_shape: Sequence[int] = ()
+) -> tuple[nn.Module, dict]:
+    """Load ``teacher.checkpoint``, or the trained Hugging Face model ``teacher.name=hf:<dir>``
+    (:func:`teacher_is_trained`), checking that it predicts the data's classes."""
     path = cfg.teacher.checkpoint
+    if not path and teacher_is_trained(cfg):
+        return _load_hf_teacher(cfg, num_classes, input_shape)
     if not path:
         raise ValueError(
             "this command needs a trained teacher: pass teacher.checkpoint=<path to model.pt>, "
-            "e.g. the teacher/model.pt that `kdkit train` or `kdkit run` wrote."
+            "e.g. the teacher/model.pt that `kdkit train` or `kdkit run` wrote, or "
+            "teacher.name=hf:<directory> for a trained Hugging Face model (save_pretrained)."
         )
     data = load_model_file(path, what="teacher checkpoint (teacher.checkpoint)")
     spec = data["spec"]

@@ -10,6 +10,8 @@ teacher (the Distiller does not register it).
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ from kdkit.atomic import atomic_write
 __all__ = [
     "AtomicCheckpointIO",
     "ModelSpecCallback",
+    "is_hf_model",
     "load_model",
     "load_model_file",
+    "save_hf_model",
     "save_model",
 ]
 
@@ -103,14 +107,12 @@ def _plain(value: Any) -> Any:
 def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
     from kdkit.models import create_model
 
-    c, h, w = spec["input_shape"]
-    return create_model(
-        spec["name"],
-        num_classes=int(spec["num_classes"]),
-        in_channels=int(c),
-        image_size=(int(h), int(w)),
-        **dict(spec.get("kwargs") or {}),
-    )
+    kwargs = dict(spec.get("kwargs") or {})
+    shape = spec["input_shape"]
+    if len(shape) == 3:  # an image (C, H, W); text models take no image options
+        c, h, w = shape
+        kwargs.update(in_channels=int(c), image_size=(int(h), int(w)))
+    return create_model(spec["name"], num_classes=int(spec["num_classes"]), **kwargs)
 
 
 def save_model(
@@ -201,3 +203,34 @@ def load_model(path: str | os.PathLike[str], *, what: str = "model file") -> nn.
         )
     model.kdkit_spec = dict(data["spec"])  # type: ignore[assignment]
     return model.eval()
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel`` (it has ``save_pretrained``)."""
+    return callable(getattr(model, "save_pretrained", None)) and hasattr(model, "config")
+
+
+def save_hf_model(
+    directory: str | os.PathLike[str], model: nn.Module, tokenizer: Any = None
+) -> Path:
+    """``model.save_pretrained`` and ``tokenizer.save_pretrained`` (when given) into
+    ``directory``, which appears whole or not at all: both are written into a temporary folder
+    beside it, which is then renamed to ``directory`` (an older ``directory`` is moved aside
+    first and removed after). ``AutoModel*.from_pretrained(directory)`` and
+    ``AutoTokenizer.from_pretrained(directory)`` read it back."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = final.with_name(f".{final.name}.{tag}.tmp")
+    old = final.with_name(f".{final.name}.{tag}.old")
+    try:
+        model.save_pretrained(tmp)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -9,13 +9,17 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from kdkit.batch import first_rows, unpack_batch
 from kdkit.config import terms_from_config
 from kdkit.distiller import Distiller
 from kdkit.lightning import DistillationModule
 from kdkit.pipeline.build import build_model, build_optimizer_factories, build_trainer, output_dir
 from kdkit.pipeline.checkpoint import save_model
+from kdkit.pipeline.log import get_logger
 from kdkit.pipeline.resume import Resume, run_info
-from kdkit.pipeline.stage import StageResult, fit_stage
+from kdkit.pipeline.stage import StageResult, fit_stage, save_hf_stage
+
+log = get_logger(__name__)
 
 PROBE_BATCH = 8
 
@@ -92,8 +96,8 @@ def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) 
     rng = torch.random.get_rng_state()
     try:
         student, _ = build_model(cfg, "student", datamodule.num_classes, datamodule.input_shape)
-        x, y = next(iter(datamodule.val_dataloader()))[:2]
-        x, y = x[:PROBE_BATCH], y[:PROBE_BATCH]
+        x, y, _ = unpack_batch(next(iter(datamodule.val_dataloader())))
+        x, y = first_rows(x, PROBE_BATCH), y[:PROBE_BATCH]
         was_training = teacher.training
         try:
             teacher.eval()
@@ -115,6 +119,24 @@ def check_feasible(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None) 
     return None
 
 
+def init_from_teacher(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None) -> None:
+    """Copy the teacher's weights into the student where names and shapes match, its layers
+    picked by ``distill.init_from_teacher`` (:func:`kdkit.hf.init_student_from_teacher`)."""
+    layer_map = cfg.distill.init_from_teacher
+    if teacher is None:
+        raise ValueError(
+            f"distill.init_from_teacher={layer_map} copies the teacher's weights, but this run "
+            "reads teacher outputs from a cache (distill.teacher_cache); pass "
+            "teacher.checkpoint=... too, or set distill.init_from_teacher=null."
+        )
+    from kdkit.hf import init_student_from_teacher
+
+    if not isinstance(layer_map, str):
+        layer_map = [int(i) for i in layer_map]
+    summary = init_student_from_teacher(student, teacher, layer_map)
+    log.info("student initialised from the teacher: %s", str(summary).replace("\n", "; "))
+
+
 def build_distiller(
     cfg: DictConfig,
     student: nn.Module,
@@ -128,8 +150,8 @@ def build_distiller(
     needs_probe = any(t.adapter not in (None, "identity") for t in terms.values())
     example = None
     if needs_probe:
-        x = next(iter(datamodule.train_dataloader()))[0]
-        example = x[:PROBE_BATCH]
+        x = unpack_batch(next(iter(datamodule.train_dataloader())))[0]
+        example = first_rows(x, PROBE_BATCH)
     source = cache if cache is not None else _teacher_source(cfg, teacher, datamodule)
     return Distiller(student, source, terms, example_input=example)
 
@@ -144,14 +166,19 @@ def distill_student(
     cache: Any = None,
 ) -> StageResult:
     """Distil ``cfg.student`` from ``teacher`` (or ``cache``, the opened teacher cache that
-    :func:`check_feasible` returned); writes ``<run>/<stage>/model.pt``.
+    :func:`check_feasible` returned); writes ``<run>/<stage>/model.pt`` (and, for a Hugging
+    Face student, ``<run>/<stage>/hf/`` with the data's tokenizer).
 
     The student is initialised exactly like the scratch student (same seed, same order of
-    random draws) and the data stream is re-seeded before fitting. Teacher and student see the
-    same augmented (and, with ``distill.mixup_alpha``, mixed) batch: consistent views.
+    random draws), then, with ``distill.init_from_teacher``, takes the teacher's weights where
+    they fit (:func:`init_from_teacher`); the data stream is re-seeded before fitting. Teacher
+    and student see the same augmented (and, with ``distill.mixup_alpha``, mixed) batch:
+    consistent views.
     """
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student, spec = build_model(cfg, "student", datamodule.num_classes, datamodule.input_shape)
+    if cfg.distill.init_from_teacher:
+        init_from_teacher(cfg, student, teacher)
     distiller = build_distiller(cfg, student, teacher, datamodule, cache)
     optimizer, scheduler = build_optimizer_factories(cfg)
     module = DistillationModule(
@@ -176,4 +203,5 @@ def distill_student(
             adapters=distiller.adapters,
             metadata={"stage": stage, "method": cfg.distill.method},
         )
+        save_hf_stage(stage_dir, student, datamodule)
     return StageResult(student.eval(), spec, stage_dir, resumed)

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from kdkit.atomic import atomic_write_text
+from kdkit.batch import unpack_batch
 from kdkit.evaluation import count_parameters, evaluate, measure_latency, predict, size_on_disk
 from kdkit.report import ModelReport
 
@@ -58,7 +59,7 @@ def evaluate_model(
     metrics = evaluate(model, loader, teacher_logits=teacher_logits)
     latency = None
     if cfg.evaluate.latency:
-        batch = next(iter(loader))[0]
+        batch = unpack_batch(next(iter(loader)))[0]
         latency = measure_latency(model, batch, repeats=int(cfg.evaluate.latency_repeats))
     entry = ModelReport.from_measurements(
         role,

@@ -23,9 +23,10 @@ from kdkit.pipeline.build import (
     finish_loggers,
     load_teacher,
     output_dir,
+    teacher_is_trained,
     to_container,
 )
-from kdkit.pipeline.checkpoint import load_model, load_model_file
+from kdkit.pipeline.checkpoint import is_hf_model, load_model, load_model_file
 from kdkit.pipeline.distill import check_feasible, distill_student
 from kdkit.pipeline.evaluate import evaluate_model, load_entries, teacher_test_logits
 from kdkit.pipeline.log import get_logger
@@ -65,13 +66,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if task != DEFAULT_TASK:
         return task_runner(task)(cfg)
     start = time.perf_counter()
+    if cfg.export.in_run and cfg.export.onnx:
+        _check_export_extra()  # before the training, not after it
     out = output_dir(cfg)
     save_config(cfg)
     dm = build_datamodule(cfg)
     dm.prepare()
     resume = resume_mode(cfg, run_command=True)
-    if cfg.teacher.checkpoint:
-        teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
+    trained_teacher = teacher_is_trained(cfg)
+    if trained_teacher:
+        teacher, teacher_spec = load_teacher(cfg, dm.num_classes, dm.input_shape)
         cache = check_feasible(cfg, dm, teacher)
     else:
         # Shapes are all the check needs: an untrained teacher, so a bad method fails in seconds.
@@ -79,7 +83,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cache = check_feasible(cfg, dm, untrained)
         del untrained
     teacher_name = str(teacher_spec["name"])
-    if not cfg.teacher.checkpoint:
+    if not trained_teacher:
         teacher = train_supervised(cfg, dm, "teacher", "teacher", resume=resume).model
     scratch = train_supervised(
         cfg, dm, "student", "scratch", mixup_alpha=float(cfg.distill.mixup_alpha), resume=resume
@@ -112,6 +116,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     title = _title(cfg, teacher_name)
     build_report(entries, out, title=title, config=to_container(cfg))
     print_report(entries, title=title)
+    if cfg.export.in_run:
+        _export_model(cfg, distilled.model, distilled.spec, out / "distilled")
     log.info("report: %s  (%.1f s)", out / "report.md", time.perf_counter() - start)
     return {e.role: e.accuracy for e in entries}
 
@@ -147,7 +153,7 @@ def distill(cfg: DictConfig) -> dict[str, Any]:
     dm.prepare()
     teacher, teacher_name = None, None
     if cfg.teacher.checkpoint or not cfg.distill.teacher_cache:
-        teacher, teacher_spec = load_teacher(cfg, dm.num_classes)
+        teacher, teacher_spec = load_teacher(cfg, dm.num_classes, dm.input_shape)
         teacher_name = str(teacher_spec["name"])
     cache = check_feasible(cfg, dm, teacher)
     distilled = distill_student(cfg, dm, teacher, "distilled", resume=resume_mode(cfg), cache=cache)
@@ -193,8 +199,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{cfg.data.name!r} has {dm.num_classes}; evaluate it on the data it was trained on."
         )
     teacher = None
-    if cfg.teacher.checkpoint and cfg.teacher.checkpoint != path:
-        teacher, _ = load_teacher(cfg, dm.num_classes)
+    if teacher_is_trained(cfg) and cfg.teacher.checkpoint != path:
+        teacher, _ = load_teacher(cfg, dm.num_classes, dm.input_shape)
     role = "teacher" if model.kdkit_spec.get("role") == "teacher" else "distilled"
     entry = evaluate_model(
         cfg,
@@ -327,13 +333,36 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """ONNX (checked against torch in onnxruntime) and TorchScript files of a model file."""
     if cfg.export.onnx:
         _check_export_extra()
-    from kdkit.export import export_onnx, export_torchscript
-
-    out = output_dir(cfg)
     path = _checkpoint_path(cfg)
     model = load_model(path, what="checkpoint")
-    spec = load_model_file(path)["spec"]
-    example = torch.rand(2, *spec["input_shape"], generator=torch.Generator().manual_seed(0))
+    return _export_model(cfg, model, load_model_file(path)["spec"], output_dir(cfg))
+
+
+def _example_input(model: torch.nn.Module, spec: dict[str, Any]) -> Any:
+    """A fixed random batch of two inputs of the model's shape: images ``[2, C, H, W]``; for a
+    Hugging Face model, ``input_ids`` of its vocabulary ``[2, L]`` (L: the data's max_length)
+    with an ``attention_mask`` that pads the second row's end."""
+    generator = torch.Generator().manual_seed(0)
+    if not is_hf_model(model):
+        return torch.rand(2, *spec["input_shape"], generator=generator)
+    length = int(spec["input_shape"][0])
+    vocab = int(model.config.vocab_size)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length // 2 + 1 :] = 0
+    return {
+        "input_ids": torch.randint(0, vocab, (2, length), generator=generator),
+        "attention_mask": mask,
+    }
+
+
+def _export_model(
+    cfg: DictConfig, model: torch.nn.Module, spec: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    """ONNX (checked in onnxruntime; a Hugging Face model's batch and sequence axes dynamic)
+    and TorchScript files of ``model`` in ``out``, as ``cfg.export`` asks."""
+    from kdkit.export import export_onnx, export_torchscript
+
+    example = _example_input(model, spec)
     atol = float(cfg.export.atol)
     written: dict[str, Any] = {}
     with _quiet_export():
@@ -359,7 +388,14 @@ def cache(cfg: DictConfig) -> dict[str, Any]:
     out = output_dir(cfg)
     dm = build_datamodule(cfg)
     splits = dm.prepare()
-    teacher, _ = load_teacher(cfg, dm.num_classes)
+    if splits.collate_fn is not None:
+        raise ValueError(
+            f"`kdkit cache` batches samples with torch's default collation, but data set "
+            f"{cfg.data.name!r} pads its own batches (text, dict batches), which the teacher "
+            "cache does not support yet; distil with the online teacher instead (no "
+            "distill.teacher_cache)."
+        )
+    teacher, _ = load_teacher(cfg, dm.num_classes, dm.input_shape)
     path = Path(str(cfg.cache.path or out / "teacher_cache"))
     epochs = int(cfg.cache.epochs)
     train = splits.train

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
 from torch import nn
 
+from kdkit.pipeline.checkpoint import is_hf_model, save_hf_model
 from kdkit.pipeline.log import get_logger
 from kdkit.pipeline.resume import Resume, interrupted_message, resolve_ckpt_path
 
@@ -111,3 +112,15 @@ def _continue_csv_logs(trainer: L.Trainer, ckpt_path: Path) -> None:
             writer = logger.experiment
         writer.metrics = rows + writer.metrics
         writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
+
+
+def save_hf_stage(stage_dir: Path, model: nn.Module, datamodule: Any) -> Path | None:
+    """A Hugging Face model shipped as ``<stage_dir>/hf/``: ``save_pretrained`` and the data's
+    tokenizer (when the data set has one), written atomically; it loads back with
+    ``AutoModelForSequenceClassification.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+    and is a teacher by path (``teacher.name=hf:<stage_dir>/hf``). None for other models."""
+    if not is_hf_model(model):
+        return None
+    directory = save_hf_model(stage_dir / "hf", model, getattr(datamodule, "tokenizer", None))
+    log.info("Hugging Face model and tokenizer: %s", directory)
+    return directory

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from kdkit.pipeline.build import ROLES, spec_for
+from kdkit.pipeline.build import ROLES, hf_directory, spec_for
 from kdkit.pipeline.checkpoint import build_from_spec
 
 # The digits models (<= 95k parameters) are under it, the CIFAR zoo (>= 278k) above it.
@@ -25,8 +25,12 @@ SMALL_MODEL_PARAMS = 200_000
 
 def _parameter_count(cfg: DictConfig, role: str, datamodule: Any) -> int:
     spec = spec_for(cfg, role, datamodule.num_classes, datamodule.input_shape)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+    if hf_directory(spec["name"]) is not None:
+        # from_pretrained refuses the meta device: a model directory is read as it is
         model = build_from_spec(spec)
+    else:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+            model = build_from_spec(spec)
     return sum(p.numel() for p in model.parameters())
 
 

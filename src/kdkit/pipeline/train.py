@@ -11,7 +11,7 @@ from kdkit.lightning import ClassifierModule
 from kdkit.pipeline.build import build_model, build_optimizer_factories, build_trainer, output_dir
 from kdkit.pipeline.checkpoint import save_model
 from kdkit.pipeline.resume import Resume, run_info
-from kdkit.pipeline.stage import StageResult, fit_stage
+from kdkit.pipeline.stage import StageResult, fit_stage, save_hf_stage
 
 
 def train_supervised(
@@ -23,7 +23,8 @@ def train_supervised(
     resume: Resume = False,
     mixup_alpha: float = 0.0,
 ) -> StageResult:
-    """Train ``cfg.<role>`` with cross-entropy; writes ``<run>/<stage>/model.pt``.
+    """Train ``cfg.<role>`` with cross-entropy; writes ``<run>/<stage>/model.pt`` (and, for a
+    Hugging Face model, ``<run>/<stage>/hf/``: :func:`~kdkit.pipeline.stage.save_hf_stage`).
 
     The model is initialised right after ``seed_everything(cfg.seed)`` and the data stream is
     re-seeded before fitting, so the scratch student starts from the same weights and sees the
@@ -44,4 +45,5 @@ def train_supervised(
     )
     if trainer.is_global_zero:
         save_model(stage_dir / "model.pt", model, spec, metadata={"stage": stage})
+        save_hf_stage(stage_dir, model, datamodule)
     return StageResult(model.eval(), spec, stage_dir, resumed)
