@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 DEFAULT_TASK = "classification"
-TASKS: dict[str, str] = {}
+TASKS: dict[str, str] = {"lm": "kdkit.pipeline.lm:run"}
 
 
 def task_of(cfg: DictConfig) -> str:
