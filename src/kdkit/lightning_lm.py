@@ -22,6 +22,8 @@ split, not per batch) and ``<stage>/ppl`` (its exponential); the distillation mo
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 
 import lightning as L
@@ -35,7 +37,47 @@ from kdkit.distiller import Distiller
 from kdkit.functional import cross_entropy
 from kdkit.lightning import OptimizerFactory, SchedulerFactory, _ClassificationModule
 
-__all__ = ["CausalLMDistillationModule", "CausalLMModule", "lm_logits", "next_token_loss"]
+__all__ = [
+    "CausalLMDistillationModule",
+    "CausalLMModule",
+    "lm_logits",
+    "next_token_loss",
+    "warmup_cosine",
+]
+
+
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.1,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then cosine decay from the
+    optimizer's lr to ``min_lr_ratio`` times it at ``total_steps`` (nanoGPT's schedule).
+
+    Stepped after every optimizer step. The causal-LM modules pass ``total_steps`` (the stage's
+    optimizer steps, ``trainer.estimated_stepping_batches``), so a config names it as
+    ``{_target_: kdkit.lightning_lm.warmup_cosine, _partial_: true, warmup_steps: 10}``;
+    ``total_steps=None`` holds the peak lr after the warm-up.
+    """
+    if not isinstance(warmup_steps, int) or warmup_steps < 0:
+        raise ValueError(f"warmup_cosine: warmup_steps must be an int >= 0, got {warmup_steps!r}")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"warmup_cosine: min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if total_steps is None:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _takes_total_steps(factory: Any) -> bool:
+    return factory is not None and "total_steps" in inspect.signature(factory).parameters
 
 
 def lm_logits(model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -70,8 +112,21 @@ class _CausalLMBase(L.LightningModule):
     def forward(self, input_ids: Tensor) -> Tensor:
         return lm_logits(self.model, input_ids)
 
-    # The same optimizer / scheduler set-up as the classification modules.
-    configure_optimizers = _ClassificationModule.configure_optimizers
+    def configure_optimizers(self) -> Any:
+        """The classification modules' set-up, except that a scheduler factory that takes
+        ``total_steps`` (:func:`warmup_cosine`) gets the stage's optimizer steps and is
+        stepped after each of them."""
+        if not _takes_total_steps(self.scheduler_factory):
+            return _ClassificationModule.configure_optimizers(self)
+        params = [p for p in self.parameters() if p.requires_grad]
+        factory = self.optimizer_factory or (lambda ps: torch.optim.Adam(ps, lr=1e-3))
+        optimizer = factory(params)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total_steps=total)  # type: ignore[misc]
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def _eval_step(self, batch: Any, stage: str) -> Tensor:
         input_ids, labels, _ = unpack_batch(batch)

@@ -125,7 +125,8 @@ class StdlibLMDataModule(L.LightningDataModule):
         keep = labels != IGNORE_INDEX
         if isinstance(self.tokenizer, CharVocab):
             return int(keep.sum())
-        return sum(len(self.tokenizer.decode(row[k].tolist())) for row, k in zip(labels, keep))
+        rows = zip(labels, keep, strict=True)
+        return sum(len(self.tokenizer.decode(row[k].tolist())) for row, k in rows)
 
     def describe(self) -> dict[str, Any]:
         """What identifies the data of a result: the corpus (sha256, Python version, files and

@@ -22,6 +22,7 @@ gradients, more time).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -59,7 +60,30 @@ from kdkit.pipeline.stage import StageResult, fit_stage
 
 log = get_logger(__name__)
 
-__all__ = ["build_lm", "distill_lm", "evaluate_lm", "run", "train_lm"]
+__all__ = [
+    "build_lm",
+    "distill_lm",
+    "enable_gradient_checkpointing",
+    "evaluate_lm",
+    "run",
+    "train_lm",
+]
+
+
+def enable_gradient_checkpointing(model: nn.Module, who: str = "model") -> None:
+    """Switch on a Hugging Face model's gradient (activation) checkpointing, non-reentrant:
+    activations are recomputed in the backward instead of kept (same gradients, less memory)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{who}.gradient_checkpointing=true but {type(model).__name__} does not support it; "
+            f"use a Hugging Face model that does (hf:gpt2, hf:llama) or set "
+            f"{who}.gradient_checkpointing=false."
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_lm(cfg: DictConfig, role: str, datamodule: Any) -> tuple[nn.Module, dict[str, Any]]:
@@ -67,13 +91,7 @@ def build_lm(cfg: DictConfig, role: str, datamodule: Any) -> tuple[nn.Module, di
     ``<role>.gradient_checkpointing`` its gradient checkpointing switched on."""
     model, spec = build_model(cfg, role, datamodule.num_classes, datamodule.input_shape)
     if cfg[role].get("gradient_checkpointing"):
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(
-                f"{role}.gradient_checkpointing=true but model {cfg[role].name} "
-                f"({type(model).__name__}) does not support it; use a Hugging Face model that "
-                f"does (hf:gpt2, hf:llama) or set {role}.gradient_checkpointing=false."
-            )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(model, role)
     return model, spec
 
 
@@ -161,7 +179,7 @@ def evaluate_lm(
     return {
         role: {
             "nll": nats[role] / tokens,
-            "ppl": float(torch.tensor(nats[role] / tokens).exp()),
+            "ppl": math.exp(nats[role] / tokens),
             "bpc": bits_per_character(nats[role], characters),
             "tokens": tokens,
             "characters": characters,

@@ -127,7 +127,8 @@ def _summary(rows: Sequence[LMRow]) -> list[str]:
     if teacher is not None:
         text += f"; the teacher has {teacher.test_ppl:.3f}"
         if distilled.speedup_vs_teacher is not None:
-            text += f", and the student runs {distilled.speedup_vs_teacher:.2f}× faster on CPU"
+            speed = distilled.speedup_vs_teacher
+            text += f", and the student has {speed:.2f}× the teacher's CPU tokens/s"
     return [text + "."]
 
 
