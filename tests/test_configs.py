@@ -205,6 +205,8 @@ MODEL_CONFIGS = [
     (role, p.stem)
     for role in ("student", "teacher")
     for p in sorted((Path(CONFIG_DIR) / role).glob("*.yaml"))
+    # image classifiers; the causal LMs of experiment=lm have no feature points
+    if "feature_layers" in OmegaConf.load(p)
 ]
 
 
