@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,37 @@ def test_model_files_reload_as_hugging_face_models(run_dir: Path) -> None:
     assert not any("teacher" in k for k in ckpt["state_dict"])  # the teacher is never saved
     config = json.loads((run_dir / "report.json").read_text())["config"]
     assert config["task"] == "lm"
+
+
+def test_ckpt_path_last_resumes_every_stage_of_the_run(run_dir: Path, tmp_path: Path) -> None:
+    # Every stage of the copied run is complete: each resumes from its last.ckpt (the teacher's
+    # weights, hence the distilled stage's fingerprint, come back from it) and trains no further.
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    for stage in ("teacher", "scratch", "distilled"):
+        (copy / stage / "model.pt").unlink()
+    main(["run", *SMOKE, f"hydra.run.dir={copy}", "ckpt_path=last"])
+    for stage in ("teacher", "scratch", "distilled"):
+        a = load_model(run_dir / stage / "model.pt").state_dict()
+        b = load_model(copy / stage / "model.pt").state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    before = {r.role: r.test_ppl for r in load_lm_report(run_dir)[0]}
+    assert {r.role: r.test_ppl for r in load_lm_report(copy)[0]} == before
+
+
+def test_llama_student_config_builds_for_the_data_vocabulary() -> None:
+    from hydra import compose, initialize_config_dir
+    from transformers import LlamaForCausalLM
+
+    from kdkit.cli import CONFIG_DIR
+    from kdkit.pipeline.build import build_datamodule
+    from kdkit.pipeline.lm import build_lm
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=lm", "student=llama_tiny"])
+    datamodule = build_datamodule(cfg)
+    model, spec = build_lm(cfg, "student", datamodule)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.vocab_size == datamodule.num_classes == spec["num_classes"]
+    assert model.config.max_position_embeddings == datamodule.block_size == 128
+    assert 80_000 < sum(p.numel() for p in model.parameters()) < 150_000
