@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kdkit.atomic import atomic_write_text
-from kdkit.report import ROLES, _json_safe
+from kdkit.report import ROLES, _fmt, _json_safe
 
 __all__ = [
     "LMRow",
@@ -90,12 +90,6 @@ _COLUMNS = (
     "Tokens/s (CPU)",
     "Speed-up",
 )
-
-
-def _fmt(value: float | None, spec: str, scale: float = 1.0, suffix: str = "") -> str:
-    if value is None or not math.isfinite(value):
-        return "–"
-    return f"{value * scale:{spec}}{suffix}"
 
 
 def _cells(row: LMRow) -> list[str]:
