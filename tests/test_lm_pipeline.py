@@ -25,8 +25,9 @@ SMOKE = [
     "data.eval_blocks=6",
     "evaluate.latency_repeats=1",
     "progress_bar=none",
-    "teacher.kwargs.config.n_layer=1",
-    "teacher.kwargs.config.n_embd=32",
+    "teacher.kwargs.config.num_hidden_layers=1",
+    "teacher.kwargs.config.hidden_size=32",
+    "teacher.kwargs.config.intermediate_size=64",
     "student.kwargs.config.n_layer=1",
     "student.kwargs.config.n_embd=16",
 ]
