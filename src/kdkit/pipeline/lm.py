@@ -15,9 +15,9 @@ load_model`` rebuilds the Hugging Face model) and Lightning checkpoints, and res
 character, top-1 token agreement with the teacher, CPU tokens/s, parameters, size and speed-up,
 with the corpus sha256 and the Python version.
 
-``<role>.gradient_checkpointing=true`` calls the Hugging Face model's
-``gradient_checkpointing_enable()`` (activations recomputed in the backward: less memory, same
-gradients, more time).
+``<role>.gradient_checkpointing=true`` switches on the Hugging Face model's gradient
+checkpointing (:func:`enable_gradient_checkpointing`: activations recomputed in the backward;
+less memory, the same gradients, more time).
 """
 
 from __future__ import annotations
