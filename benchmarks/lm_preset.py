@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def _cell(values: Sequence[float | None], spec: str, scale: float) -> str:
 
 def render(
     reports: Sequence[dict[str, Any]], walls: Sequence[float], seeds: Sequence[int],
-    overrides: Sequence[str], loads: tuple[float, float],
+    overrides: Sequence[str], loads: tuple[float, float], jobs: int = 1,
 ) -> str:  # fmt: skip
     """The markdown page of a benchmark run."""
     rows = [{m["role"]: m for m in r["models"]} for r in reports]
@@ -84,7 +85,8 @@ def render(
         f"Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), "
         f"Python {platform.python_version()}, torch {torch.__version__}, no GPU used. Load "
         f"average (1 min) {loads[0]:.2f} at the start and {loads[1]:.2f} at the end: other "
-        "processes shared the cores, so wall times and tokens/s are those of a busy machine.",
+        f"processes shared the cores, so wall times and tokens/s are those of a busy machine"
+        f"{f'; {jobs} seeds ran at once' if jobs > 1 else ''}.",
         "",
         f"Corpus: the Python {data['python_version']} standard library source "
         f"({data['files']['train']} / {data['files']['val']} / {data['files']['test']} train / "
@@ -127,19 +129,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="seeds run at once (each one thread; default 1)"
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for `kdkit run`")
     args = parser.parse_args(argv)
     start_load = os.getloadavg()[0]
-    reports, walls = [], []
     with tempfile.TemporaryDirectory(prefix="kdkit-bench-lm-") as tmp:
-        for seed in args.seeds:
-            report, wall = run_seed(seed, Path(tmp), args.overrides)
-            reports.append(report)
-            walls.append(wall)
-            ppl = {m["role"]: m["test_ppl"] for m in report["models"]}
-            print(f"seed {seed}: " + ", ".join(f"{r} {ppl[r]:.3f}" for r in ROLES) +
-                  f" ({wall:.0f} s, load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
-    text = render(reports, walls, args.seeds, args.overrides, (start_load, os.getloadavg()[0]))
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            runs = list(pool.map(lambda s: run_seed(s, Path(tmp), args.overrides), args.seeds))
+    reports, walls = [r for r, _ in runs], [w for _, w in runs]
+    for seed, report, wall in zip(args.seeds, reports, walls, strict=True):
+        ppl = {m["role"]: m["test_ppl"] for m in report["models"]}
+        print(f"seed {seed}: " + ", ".join(f"{r} {ppl[r]:.3f}" for r in ROLES) + f" ({wall:.0f} s)")
+    loads = (start_load, os.getloadavg()[0])
+    text = render(reports, walls, args.seeds, args.overrides, loads, args.jobs)
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")
 
