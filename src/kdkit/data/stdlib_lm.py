@@ -57,7 +57,7 @@ class StdlibLMDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        name: str = "stdlib",
+        name: str = "stdlib_lm",
         tokenizer: str = "char",
         vocab_size: int = 4096,
         block_size: int = 128,
