@@ -68,9 +68,10 @@ def test_all_methods_and_experiments_are_shipped() -> None:
             "gjsd",
             "embedding",
             "transformer",
+            "token_kd",
         ]
     )
-    assert {"digits", "cifar10_resnet50_resnet18", "cifar100_resnet32x4_resnet8x4"} <= set(
+    assert {"digits", "cifar10_resnet50_resnet18", "cifar100_resnet32x4_resnet8x4", "lm"} <= set(
         EXPERIMENTS
     )
 

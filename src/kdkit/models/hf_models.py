@@ -9,7 +9,8 @@ randomly initialised model from a config (``AutoConfig.for_model(model_type, **c
 
 * ``sequence_classification``: ``AutoModelForSequenceClassification`` with ``num_labels =
   num_classes`` (text classification; the output's ``logits`` are ``[B, num_classes]``);
-* ``causal_lm``: ``AutoModelForCausalLM``; ``num_classes`` is the vocabulary size;
+* ``causal_lm``: ``AutoModelForCausalLM``; ``num_classes`` is the vocabulary size (it sets
+  the config's ``vocab_size``);
 * ``base``: ``AutoModel`` (the encoder alone, e.g. for sentence embeddings); ``num_classes``
   is not used.
 
@@ -59,6 +60,14 @@ def hf_config(target: str, num_classes: int, head: str, config: Mapping[str, Any
     fields = dict(config)
     if head == "sequence_classification":
         fields.setdefault("num_labels", num_classes)
+    if head == "causal_lm" and not is_local_path(target):
+        vocab = fields.setdefault("vocab_size", num_classes)
+        if vocab != num_classes:
+            raise ValueError(
+                f"model hf:{target}: config vocab_size={vocab} but num_classes (the vocabulary "
+                f"size of a causal_lm head) is {num_classes}; drop vocab_size from the config "
+                "(num_classes sets it) or make the two equal."
+            )
     if is_local_path(target):
         directory = Path(target).expanduser()
         if not (directory / "config.json").is_file():

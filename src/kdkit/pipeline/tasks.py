@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 DEFAULT_TASK = "classification"
 TASKS: dict[str, str] = {
+    "lm": "kdkit.pipeline.lm:run",
     "sentence_embedding": "kdkit.pipeline.embedding:run",
 }
 
