@@ -35,6 +35,7 @@ from kdkit.batch import unpack_batch
 from kdkit.data.text import IGNORE_INDEX
 from kdkit.distiller import Distiller
 from kdkit.functional import cross_entropy
+from kdkit.generation import Generations, OnPolicyGKD, SequenceKD, split_prompt
 from kdkit.lightning import OptimizerFactory, SchedulerFactory, _ClassificationModule
 
 __all__ = [
@@ -182,16 +183,40 @@ class CausalLMDistillationModule(_CausalLMBase):
     """Trains ``distiller.student`` through a :class:`~kdkit.Distiller` whose terms read the
     token logits (e.g. a token KL with the teacher and cross-entropy on the labels, each given
     ``target=labels`` so that ``IGNORE_INDEX`` tokens count nowhere). Checkpoints hold the
-    student and the Distiller's learned parts, never the teacher."""
+    student and the Distiller's learned parts, never the teacher.
+
+    With a ``recipe`` (:mod:`kdkit.generation`) the training batches are generated: each
+    block's first ``prompt_length`` tokens are the prompts (:func:`~kdkit.generation.
+    split_prompt`), and the distiller is trained on what the recipe returns for them, a
+    :class:`~kdkit.generation.SequenceKD` batch of the teacher's continuations, or an
+    :class:`~kdkit.generation.OnPolicyGKD` one (the student's samples with probability
+    ``lmbda``, else the data's block with the prompt's predictions masked; give it
+    ``recipe.distiller`` as ``distiller``). ``train/generated`` logs the fraction of generated
+    batches per epoch; the recipe's random state is saved in checkpoints and restored on resume.
+    """
 
     def __init__(
         self,
         distiller: Distiller,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        *,
+        recipe: SequenceKD | OnPolicyGKD | None = None,
+        prompt_length: int | None = None,
     ) -> None:
         super().__init__(optimizer, scheduler)
+        if recipe is not None and prompt_length is None:
+            raise ValueError(
+                f"CausalLMDistillationModule: recipe={type(recipe).__name__} generates from "
+                "each block's first prompt_length tokens; pass prompt_length=<int>."
+            )
+        if isinstance(recipe, OnPolicyGKD) and recipe.distiller is not distiller:
+            raise ValueError(
+                "CausalLMDistillationModule: an OnPolicyGKD recipe scores its batches with its "
+                "own generalized-JSD term; pass distiller=recipe.distiller."
+            )
         self.distiller = distiller
+        self.recipe, self.prompt_length = recipe, prompt_length
         self.agreement = MeanMetric()
 
     @property
@@ -200,10 +225,30 @@ class CausalLMDistillationModule(_CausalLMBase):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         input_ids, labels, index = unpack_batch(batch)
-        out = self.distiller(input_ids, labels, index=index, epoch=self.current_epoch)
+        if self.recipe is None:
+            out = self.distiller(input_ids, labels, index=index, epoch=self.current_epoch)
+        else:  # generated batches: no dataset index (a teacher cache cannot feed them)
+            batch = self._recipe_batch(input_ids, labels)
+            self.log("train/generated", float(batch.generated), on_step=False, on_epoch=True)
+            out = self.distiller(batch.inputs, batch.labels, epoch=self.current_epoch)
         self.log("train/loss", out.loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in out.terms.items()})
         return out.loss
+
+    def _recipe_batch(self, input_ids: Tensor, labels: Tensor) -> Generations:
+        assert self.recipe is not None and self.prompt_length is not None
+        prompts, prompt_mask, data = split_prompt(input_ids, labels, self.prompt_length)
+        if isinstance(self.recipe, OnPolicyGKD):
+            return self.recipe(prompts, prompt_mask, batch=data)
+        return self.recipe(prompts, prompt_mask)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.recipe is not None:
+            checkpoint["kdkit_recipe"] = self.recipe.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.recipe is not None and "kdkit_recipe" in checkpoint:
+            self.recipe.load_state_dict(checkpoint["kdkit_recipe"])
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         logits = super().validation_step(batch, batch_idx)

@@ -22,12 +22,14 @@ less memory, the same gradients, more time).
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
@@ -35,6 +37,7 @@ from torch import nn
 from kdkit.cache.fingerprint import fingerprint_teacher
 from kdkit.data.text import IGNORE_INDEX
 from kdkit.evaluation import count_parameters, measure_latency, size_on_disk
+from kdkit.generation import OnPolicyGKD, SequenceKD
 from kdkit.lightning_lm import (
     CausalLMDistillationModule,
     CausalLMModule,
@@ -62,6 +65,7 @@ log = get_logger(__name__)
 
 __all__ = [
     "build_lm",
+    "build_recipe",
     "distill_lm",
     "enable_gradient_checkpointing",
     "evaluate_lm",
@@ -134,6 +138,52 @@ def train_lm(
     return _fit(cfg, datamodule, module, model, spec, role, stage, info, resume)
 
 
+def build_recipe(
+    cfg: DictConfig, student: nn.Module, teacher: nn.Module
+) -> tuple[SequenceKD | OnPolicyGKD | None, int | None]:
+    """``cfg.distill.recipe`` (``distill=seqkd`` / ``distill=gkd``) built for these models, with
+    its ``prompt_length``; ``(None, None)`` for methods that train on the data's batches. The
+    recipe is seeded with ``cfg.seed`` unless the node sets ``seed``."""
+    node = cfg.distill.get("recipe")
+    if node is None:
+        return None, None
+    options = to_container(node)
+    prompt_length = options.pop("prompt_length", None)
+    options.setdefault("seed", int(cfg.seed))
+    block = int(cfg.data.block_size)
+    if isinstance(prompt_length, bool) or not isinstance(prompt_length, int):
+        raise ValueError(
+            f"distill.recipe.prompt_length must be an int (the tokens of each block kept as "
+            f"the prompt), got {prompt_length!r}; set distill.recipe.prompt_length=<1.."
+            f"{block - 1}>."
+        )
+    if not 1 <= prompt_length < block:
+        raise ValueError(
+            f"distill.recipe.prompt_length={prompt_length} must be in [1, {block - 1}] "
+            f"(data.block_size={block}); lower it or raise data.block_size."
+        )
+    factory = instantiate(options)
+    recipe = factory(student, teacher) if _takes(factory, "student") else factory(teacher)
+    if not isinstance(recipe, SequenceKD | OnPolicyGKD):
+        raise TypeError(
+            f"distill.recipe built a {type(recipe).__name__}; use kdkit.generation.SequenceKD "
+            "or kdkit.generation.OnPolicyGKD as its _target_."
+        )
+    if isinstance(recipe, OnPolicyGKD):
+        extra = [name for name, node in cfg.distill.terms.items() if node is not None]
+        if extra:
+            raise ValueError(
+                f"distill={cfg.distill.method}: OnPolicyGKD scores every batch with its own "
+                f"generalized-JSD term (distill.recipe.beta / temperature), so distill.terms "
+                f"must be empty, got {extra}; remove them (~distill.terms.{extra[0]})."
+            )
+    return recipe, prompt_length
+
+
+def _takes(factory: Any, name: str) -> bool:
+    return name in inspect.signature(factory).parameters
+
+
 def distill_lm(
     cfg: DictConfig, datamodule: Any, teacher: nn.Module, stage: str = "distilled", *,
     resume: Resume = False,
@@ -142,8 +192,14 @@ def distill_lm(
     from the scratch student's weights and sees its batches."""
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student, spec = build_lm(cfg, "student", datamodule)
-    distiller = build_distiller(cfg, student, teacher, datamodule)
-    module = CausalLMDistillationModule(distiller, *build_optimizer_factories(cfg))
+    recipe, prompt_length = build_recipe(cfg, student, teacher)
+    if isinstance(recipe, OnPolicyGKD):
+        distiller = recipe.distiller
+    else:
+        distiller = build_distiller(cfg, student, teacher, datamodule)
+    module = CausalLMDistillationModule(
+        distiller, *build_optimizer_factories(cfg), recipe=recipe, prompt_length=prompt_length
+    )
     info = run_info(cfg, "distilled", "student", teacher=teacher)
     return _fit(cfg, datamodule, module, student, spec, "student", stage, info, resume)
 
