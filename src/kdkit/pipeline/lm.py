@@ -162,6 +162,13 @@ def build_recipe(
             f"distill.recipe.prompt_length={prompt_length} must be in [1, {block - 1}] "
             f"(data.block_size={block}); lower it or raise data.block_size."
         )
+    new_tokens = options.get("max_new_tokens")
+    if isinstance(new_tokens, int) and prompt_length + new_tokens > block:
+        raise ValueError(
+            f"distill.recipe.prompt_length={prompt_length} + max_new_tokens={new_tokens} is "
+            f"longer than the models' positions (data.block_size={block}); make their sum "
+            f"<= {block}, e.g. distill.recipe.max_new_tokens={block - prompt_length}."
+        )
     factory = instantiate(options)
     recipe = factory(student, teacher) if _takes(factory, "student") else factory(teacher)
     if not isinstance(recipe, SequenceKD | OnPolicyGKD):
