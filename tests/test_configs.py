@@ -18,8 +18,9 @@ from kdkit.pipeline.build import spec_for
 from kdkit.pipeline.checkpoint import build_from_spec
 
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "distill").glob("*.yaml"))
-# Methods of other tasks, for other models (tests/test_minilm_parts.py checks them by value).
-TASK_METHODS = {"embedding"}
+# Methods of other tasks, for other models (tests/test_minilm_parts.py and
+# tests/test_lm_recipes.py check them by value).
+TASK_METHODS = {"embedding", "seqkd", "gkd"}
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 # Feature methods need conv features on both sides: small CNNs of different widths (adapters).
 TINY = [
@@ -69,6 +70,8 @@ def test_all_methods_and_experiments_are_shipped() -> None:
             "embedding",
             "transformer",
             "token_kd",
+            "seqkd",
+            "gkd",
         ]
     )
     assert {"digits", "cifar10_resnet50_resnet18", "cifar100_resnet32x4_resnet8x4", "lm"} <= set(
