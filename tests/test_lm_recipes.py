@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from test_lm_pipeline import SMOKE  # the LM preset's tiny models and budget
 
 from kdkit import Distiller, Term
 from kdkit.cli import CONFIG_DIR, main
@@ -25,20 +26,9 @@ from kdkit.pipeline.lm_report import load_lm_report
 
 pytest.importorskip("transformers")
 
+# the LM preset's smoke budget, and prompts of 16 tokens continued by 16 in its 32-token blocks
 TINY = [
-    "experiment=lm",
-    "teacher.max_epochs=2",
-    "trainer.limit_train_batches=3",
-    "data.batch_size=4",
-    "data.block_size=32",
-    "data.eval_blocks=6",
-    "evaluate.latency_repeats=1",
-    "progress_bar=none",
-    "teacher.kwargs.config.num_hidden_layers=1",
-    "teacher.kwargs.config.hidden_size=32",
-    "teacher.kwargs.config.intermediate_size=64",
-    "student.kwargs.config.n_layer=1",
-    "student.kwargs.config.n_embd=16",
+    *(o for o in SMOKE if not o.startswith("trainer.max_epochs")),
     "distill.recipe.prompt_length=16",
     "distill.recipe.max_new_tokens=16",
 ]

@@ -15,6 +15,14 @@ load_model`` rebuilds the Hugging Face model) and Lightning checkpoints, and res
 character, top-1 token agreement with the teacher, CPU tokens/s, parameters, size and speed-up,
 with the corpus sha256 and the Python version.
 
+``distill=seqkd`` (sequence-level KD) and ``distill=gkd`` (on-policy GKD) train the distilled
+student on generated batches: their ``distill.recipe`` (:func:`build_recipe`, a
+:mod:`kdkit.generation` recipe) continues each block's first ``prompt_length`` tokens with the
+teacher's (seqkd) or, with probability ``lmbda``, the student's (gkd) own tokens; same steps and
+blocks as every other method, ``train/generated`` logged (:class:`~kdkit.lightning_lm.
+CausalLMDistillationModule`). The character vocabulary has no EOS or pad token: rows run
+``max_new_tokens`` and ``pad_token_id=0`` fills only what is neither attended nor labelled.
+
 ``<role>.gradient_checkpointing=true`` switches on the Hugging Face model's gradient
 checkpointing (:func:`enable_gradient_checkpointing`: activations recomputed in the backward;
 less memory, the same gradients, more time).
