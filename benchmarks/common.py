@@ -38,6 +38,16 @@ def add_mode_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def seed_runs_parser(doc: str, script: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that runs `kdkit run` once per seed: ``--seeds``, ``--out``
+    (the script's ``.md`` beside it by default) and extra Hydra overrides."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=str(Path(script).with_suffix(".md")))
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for `kdkit run`")
+    return parser
+
+
 def mode_of(args: argparse.Namespace) -> str:
     return "smoke" if args.smoke else "quick" if args.quick else "full"
 

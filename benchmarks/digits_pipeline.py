@@ -8,7 +8,6 @@ teacher / scratch / distilled test accuracy and wall time, and mean ± std over 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import seed_runs_parser
 
 ROLES = ("teacher", "scratch", "distilled")
 
@@ -49,10 +49,7 @@ def fmt(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for `kdkit run`")
+    parser = seed_runs_parser(__doc__, __file__)
     args = parser.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []

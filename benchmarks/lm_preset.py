@@ -11,7 +11,6 @@ distilled the mean ± std of every metric of the report.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import seed_runs_parser
 
 from kdkit.atomic import atomic_write_text
 
@@ -126,13 +126,10 @@ def render(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
+    parser = seed_runs_parser(__doc__, __file__)
     parser.add_argument(
         "--jobs", type=int, default=1, help="seeds run at once (each one thread; default 1)"
     )
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for `kdkit run`")
     args = parser.parse_args(argv)
     start_load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="kdkit-bench-lm-") as tmp:

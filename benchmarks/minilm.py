@@ -12,7 +12,6 @@ training batches and the dropout draws; the student's initialisation is the teac
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import seed_runs_parser
 
 from kdkit.atomic import atomic_write_text
 
@@ -56,10 +56,7 @@ def fmt(values: list[float | None], spec: str, scale: float = 1.0) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for `kdkit run`")
+    parser = seed_runs_parser(__doc__, __file__)
     args = parser.parse_args()
     load_start = os.getloadavg()[0]
     runs = []

@@ -11,7 +11,6 @@ beat the scratch mean.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import seed_runs_parser
 from digits_pipeline import ROLES, fmt, run_seed
 from omegaconf import OmegaConf
 
@@ -34,10 +34,7 @@ def _load() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for `kdkit run`")
+    parser = seed_runs_parser(__doc__, __file__)
     args = parser.parse_args()
     overrides = ["experiment=text_cls", *args.overrides]
     load_start = _load()

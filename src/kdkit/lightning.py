@@ -28,6 +28,26 @@ OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
 
+def adam(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The optimizer when a module is given none: Adam at lr 1e-3."""
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+def optimizers_for(
+    parameters: Iterable[nn.Parameter],
+    optimizer: OptimizerFactory | None,
+    scheduler: SchedulerFactory | None,
+    default: OptimizerFactory,
+) -> Any:
+    """``configure_optimizers``' answer: ``optimizer`` (else ``default``) over the trainable
+    ``parameters``, with ``scheduler``'s scheduler on it when one is given."""
+    params = [p for p in parameters if p.requires_grad]
+    opt = (optimizer or default)(params)
+    if scheduler is None:
+        return opt
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler(opt)}}
+
+
 def mixup(x: Tensor, y: Tensor, alpha: float, num_classes: int) -> tuple[Tensor, Tensor]:
     """Mixup (Zhang et al. 2018): convex mix of shuffled pairs; labels become soft targets.
 
@@ -76,15 +96,9 @@ class _ClassificationModule(L.LightningModule):
             dataset.set_epoch(self.current_epoch)
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = (
-            self.optimizer_factory(params)
-            if self.optimizer_factory is not None
-            else torch.optim.Adam(params, lr=1e-3)
+        return optimizers_for(
+            self.parameters(), self.optimizer_factory, self.scheduler_factory, adam
         )
-        if self.scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt)}}
 
     def _mix(self, x: Any, y: Tensor) -> tuple[Any, Tensor]:
         if self.mixup_alpha > 0:

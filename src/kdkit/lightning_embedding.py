@@ -9,17 +9,15 @@ and the Distiller's learned parts, never the teacher (the Distiller does not reg
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kdkit.distiller import Distiller
-
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+from kdkit.lightning import OptimizerFactory, SchedulerFactory, optimizers_for
 
 
 class EmbeddingDistillationModule(L.LightningModule):
@@ -56,12 +54,9 @@ class EmbeddingDistillationModule(L.LightningModule):
         return out.loss
 
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.distiller.parameters() if p.requires_grad]
-        opt = (
-            self.optimizer_factory(params)
-            if self.optimizer_factory is not None
-            else torch.optim.AdamW(params, lr=1e-4)
+        return optimizers_for(
+            self.distiller.parameters(),
+            self.optimizer_factory,
+            self.scheduler_factory,
+            lambda params: torch.optim.AdamW(params, lr=1e-4),
         )
-        if self.scheduler_factory is None:
-            return opt
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt)}}
