@@ -15,7 +15,6 @@ bits/char, top-1 agreement with the teacher and that time (mean ± std over seed
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from common import seed_runs_parser
 
 from kdkit.atomic import atomic_write_text
 
@@ -106,10 +106,8 @@ def render(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for `kdkit run`")
+    parser = seed_runs_parser(__doc__, __file__)
+    parser.set_defaults(seeds=[0])  # three recipes per seed: one seed by default
     args = parser.parse_args(argv)
     start_load = os.getloadavg()[0]
     rows: dict[str, list[dict[str, Any]]] = {"scratch": [], **{m: [] for m in METHODS}}
