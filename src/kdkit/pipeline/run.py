@@ -233,9 +233,16 @@ def _run_dirs(cfg: DictConfig) -> list[Path]:
 
 def _load_run(run_dir: Path) -> tuple[list[Any], Any, str]:
     """A run folder's report rows, its saved config and the title its report had."""
-    entries = load_entries(run_dir)
     config_file = run_dir / "config.yaml"
     config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else None
+    task = (config or {}).get("task") or DEFAULT_TASK
+    if task != DEFAULT_TASK:
+        raise ValueError(
+            f"run folder {str(run_dir)!r} is a task={task!r} run; `kdkit report` "
+            "rebuilds classification runs only. That run wrote its own report.md and report.json "
+            "(and its stages' files) when it ended: read those."
+        )
+    entries = load_entries(run_dir)
     title = _stored_title(run_dir, config, entries) or f"kdkit report: {run_dir}"
     return entries, config, title
 
