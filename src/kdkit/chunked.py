@@ -40,8 +40,8 @@ FUSED_CHUNK_ELEMENTS = 2**22
 intermediate; ``V = 32000``: 131 rows). Larger than :data:`CHUNK_ELEMENTS` because each chunk
 also adds its ``[V, H]`` weight-gradient product: with few rows that product is a thin matrix
 multiply that threads poorly (65-row chunks took ~1.8x the naive loop's time on 2 threads, 131-row
-ones ~1.3-1.4x, under load), while the extra peak stays ~1.2-1.4 ``[N, V]`` tensors (the naive
-loop: 7)."""
+ones 1.3-1.4x under load and 0.95x on a quiet machine), while the extra peak stays ~1.2-1.4
+``[N, V]`` tensors (the naive loop: 7)."""
 
 ChunkSize = int | Literal["auto"]
 
