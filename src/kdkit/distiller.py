@@ -327,15 +327,17 @@ class Distiller(DistillationHooks, nn.Module):
             self.vocab_map,
         )
         values: dict[str, Tensor] = {}
-        weighted = []
+        total: Tensor | None = None
         ensemble, adapters = self.teacher_side.ensemble, self.adapters
         with shared_log_softmax():
             for bound in self._bound:
                 value = bound.value(step, ensemble, adapters)
                 values[bound.name] = value.detach()
                 w = bound.term.weight
-                weighted.append(value if w == 1 else w * value)
-        total = sum(weighted[1:], weighted[0])  # no stack: a kernel fewer
+                if total is not None:  # one kernel per term: total + w * value
+                    total = torch.add(total, value, alpha=w)
+                else:
+                    total = value if w == 1 else w * value
         if self.check_finite:
             self._check_finite(total, values)
         return DistillerOutput(total, values, student_output, logits, teacher.logits)

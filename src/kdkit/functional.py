@@ -128,14 +128,18 @@ class shared_log_softmax:  # noqa: N801 (a context manager, named as the functio
         _SHARED.reset(self._token)
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """``z / T`` (float32 for half-precision ``z``; no division at T = 1)."""
+    return _upcast(logits) if temperature == 1.0 else _upcast(logits) / temperature
+
+
 def log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """``log softmax(z / T)`` over the last dim, in float32 for half-precision logits."""
     memo = _SHARED.get()
     key = (id(logits), logits._version, float(temperature), torch.is_grad_enabled())
     if memo is not None and key in memo and memo[key][0] is logits:
         return memo[key][1]
-    scaled = _upcast(logits) if temperature == 1.0 else _upcast(logits) / temperature
-    out = F.log_softmax(scaled, dim=-1)
+    out = F.log_softmax(_scaled(logits, temperature), dim=-1)
     if memo is not None:
         memo[key] = (logits, out)
     return out
@@ -195,6 +199,16 @@ def _kl_mean(log_p: Tensor, log_q: Tensor) -> Tensor:
     """The mean of :func:`_kl_rows` over all rows, summed and divided in the same kernel."""
     log_q, log_p = _rows(_floor(log_q)), _rows(_floor(log_p))
     return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+
+
+def _kl_mean_to_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """:func:`_kl_mean` of the softened teacher and student, with the teacher's side as
+    probabilities ``p_t``: ``p_t log p_t - p_t log q`` is 0 where ``p_t`` is, so only the
+    student's log-probabilities need the floor (a kernel fewer than two floors). For a teacher
+    without gradient only: ``d(p log p)/dp`` is infinite at ``p = 0``."""
+    log_q = _rows(_floor(log_softmax(student_logits, temperature)))
+    p_t = F.softmax(_scaled(teacher_logits, temperature), dim=-1)
+    return F.kl_div(log_q, _rows(p_t), reduction="batchmean")
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -320,6 +334,9 @@ def kl_div(
         check_reduction(reduction, "kl_div")
     check_logits(student_logits, teacher_logits)
     keep = _keep(mask, student_logits)
+    if plain_mean(student_logits, keep, reduction, num_items_in_batch):
+        if not teacher_logits.requires_grad:
+            return temperature**2 * _kl_mean_to_probs(student_logits, teacher_logits, temperature)
     log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
     if plain_mean(student_logits, keep, reduction, num_items_in_batch):
         return temperature**2 * _kl_mean(log_p_t, log_p_s)
@@ -541,8 +558,12 @@ def cross_entropy(
     """
     if validate_args:
         check_reduction(reduction, "cross_entropy")
-    keep = _keep(mask, logits)
     soft_target = _is_soft_target(target, logits)
+    if not soft_target and _all_labeled_on_cpu(target, mask, reduction, num_items_in_batch):
+        return F.cross_entropy(
+            _rows(_upcast(logits)), target if target.dim() == 1 else target.reshape(-1)
+        )
+    keep = _keep(mask, logits)
     if not soft_target:
         keep = _both(target >= 0, keep)
     logits = _drop(logits, _padding(keep, logits, mask))
@@ -552,6 +573,18 @@ def cross_entropy(
         return _hard_cross_entropy(logits, target, keep)
     total = _hard_cross_entropy(logits, target, keep, "sum")
     return reduce_sum(total, keep, reduction, num_items_in_batch, target.numel())
+
+
+def _all_labeled_on_cpu(
+    target: Tensor, mask: Tensor | None, reduction: str, num_items_in_batch: Count
+) -> bool:
+    """Whether a plain mean over CPU labels that are all >= 0: ``F.cross_entropy``'s one call.
+
+    On the CPU, reading the smallest label waits for nothing; on an accelerator it would stall
+    the step, so there the general path (which needs no read) runs.
+    """
+    plain = reduction == "mean" and mask is None and num_items_in_batch is None
+    return plain and target.device.type == "cpu" and target.numel() > 0 and int(target.min()) >= 0
 
 
 def mse_logits(
