@@ -260,7 +260,7 @@ def run(
     if only is not None and only not in SECTIONS:
         raise ValueError(f"only must be one of {SECTIONS} or None, got {only!r}")
     threads = set_threads(threads)
-    repeats = pick(mode, 4, 150, 400)
+    repeats = pick(mode, 4, 150, 1500)
     profile_steps = pick(mode, 2, 10, 20)
     result: dict[str, Any] = {
         "benchmark": "overhead",

@@ -77,7 +77,7 @@ def _config(mode: str) -> dict[str, Any]:
         "student_width": pick(mode, 4, 16, 16),
         # one step per repetition, frameworks alternating step by step (same machine load)
         "steps": 1,
-        "repeats": pick(mode, 4, 100, 300),
+        "repeats": pick(mode, 4, 100, 1500),
         "memory_steps": pick(mode, 3, 20, 40),
     }
 

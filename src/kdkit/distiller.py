@@ -16,61 +16,36 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdkit.assembly import assemble, selectors
 from kdkit.batch import MASK_KEYS, call_model, find_mask, teacher_kwargs
-from kdkit.capture import Selector, StepCapture, select_tensor
+from kdkit.capture import Selector, select_tensor
 from kdkit.finite import FiniteCheck
 from kdkit.functional import shared_log_softmax
-from kdkit.fused import attach_heads, elided_paths
 from kdkit.hooks import DistillationHooks, check_loss_weights
-from kdkit.teachers import (
-    TeacherOutputs,
-    Teachers,
-    check_sparse_terms,
-    source_of,
-    to_channels_last,
-)
-from kdkit.term import (
-    LOGITS,
-    DistillerOutput,
-    StepInputs,
-    Term,
-    bind_terms,
-    build_adapters,
-    check_paths,
-    check_vocab_map,
-    feature_paths,
-    name_terms,
-)
+from kdkit.teachers import TeacherOutputs, to_channels_last
+from kdkit.term import LOGITS, DistillerOutput, StepInputs, Term
 from kdkit.vocab import VocabMap
 
 __all__ = ["LOGITS", "MASK_KEYS", "Distiller", "DistillerOutput", "Term"]
-
-"""The keys of a dict batch read as its token mask when none is given, the first present."""
 
 
 class Distiller(DistillationHooks, nn.Module):
     """Student + frozen teacher(s) + weighted loss terms.
 
     ``distiller(inputs, target)`` runs every teacher in eval mode under ``torch.no_grad()`` (or
-    takes ``teacher_output`` given with the batch, or reads a teacher-output cache by sample
-    ``index``), runs the student (capturing the features its terms read), and returns a
-    :class:`DistillerOutput` with ``loss = Σ weight_i · term_i``.
+    takes ``teacher_output`` given with the batch, or reads a cache by sample ``index``), runs
+    the student (capturing the features its terms read) and returns a :class:`DistillerOutput`
+    with ``loss = Σ weight_i · term_i``. Several teachers: logit terms see the weighted average
+    of their softened probabilities at the term's temperature (``Teachers.ensemble``).
 
-    The teacher is not copied (an LLM-sized teacher stays one object in memory), so what the
-    Distiller does to it, it does to your object, in place: ``requires_grad_(False)`` on all its
-    parameters and ``eval()`` at construction (eval mode is re-asserted on every forward),
-    ``to(memory_format=torch.channels_last)`` with ``channels_last=True``, and
-    ``distiller.to(...)`` / ``.cuda()`` / ``.half()`` move and cast it with the student. Nothing
-    else: its weights are never written. It is not a registered submodule, so it is not in
-    ``parameters()``, not in ``state_dict()`` and not wrapped by DDP.
+    The teacher is not copied (an LLM-sized teacher stays one object): at construction it gets
+    ``requires_grad_(False)`` and ``eval()`` (re-asserted every forward), ``channels_last`` when
+    asked, and ``distiller.to(...)`` / ``.half()`` move it with the student; its weights are never
+    written. It is not a submodule: not in ``parameters()``, ``state_dict()`` or DDP.
 
-    Learned parts of the Distiller (adapters, learnable loss mappings such as
-    ``MSEHiddenStatesLoss(need_mapping=True)``) are in ``distiller.parameters()``, besides the
-    student's: an optimizer over ``student.parameters()`` alone leaves them untrained. Give
-    the optimizer ``distiller.parameters()``, or add ``distiller.extra_parameters()`` as a group.
-
-    With several teachers, logit terms see the weighted average of the teachers' softened
-    probabilities at the term's temperature (:meth:`kdkit.teachers.Teachers.ensemble`).
+    Learned parts (adapters, learnable loss mappings such as
+    ``MSEHiddenStatesLoss(need_mapping=True)``) are in ``distiller.parameters()`` besides the
+    student's: give the optimizer those, or add ``distiller.extra_parameters()`` as a group.
 
     Args:
         student: the model to train; ``distiller.student`` stays the plain module (no hooks
@@ -87,24 +62,20 @@ class Distiller(DistillationHooks, nn.Module):
             attribute name, or a callable.
         teacher_logits_selector: the same for the teachers, when it differs.
         example_input: one input batch, used once to probe feature shapes for adapters.
-        check_finite: raise when a term is NaN/Inf, naming it. On the CPU every step; on an
-            accelerator the flags stay on the device and are read every ``check_finite_every``
-            steps, so steps are not held up by a host sync.
+        check_finite: raise when a term is NaN/Inf, naming it: every step on the CPU; on an
+            accelerator the flags are read every ``check_finite_every`` steps (no host sync).
         check_finite_every: steps between reads of the flags on an accelerator.
         autocast_dtype: run the teachers under ``torch.autocast`` with this dtype (e.g.
             ``torch.bfloat16``); the soft losses upcast logits to float32 before the softmax.
         channels_last: put student and teachers in ``torch.channels_last`` memory format and
             convert 4-D inputs, the faster layout for convolutions on GPU.
         compile: ``torch.compile`` the student's and teachers' forwards (logit terms only:
-            per-step feature hooks would force recompiles). ``distiller.student`` stays the
-            plain module.
+            per-step feature hooks would force recompiles).
         mask_keys: for a dict batch called without ``mask=``, the keys whose value is taken as
             the token mask, the first present (Hugging Face's ``attention_mask``, then BERT's
             original ``input_mask``); ``()`` turns the lookup off.
-        teacher_inputs: for a dict batch, the teacher's keyword arguments taken from other
-            batch keys, ``{teacher argument: batch key}``, e.g. ``{"token_type_ids":
-            "segment_ids", "attention_mask": "input_mask"}`` for a batch in BERT's original
-            names and a Hugging Face teacher.
+        teacher_inputs: for a dict batch, teacher keyword arguments taken from other batch
+            keys, ``{teacher argument: batch key}``, e.g. ``{"attention_mask": "input_mask"}``.
         teacher_drop_keys: keys of a dict batch the teacher is not given (default the labels:
             a Hugging Face teacher given ``labels`` would compute a loss nobody reads). With a
             fused-linear term (:mod:`kdkit.fused`) the student is not given them either.
@@ -147,55 +118,35 @@ class Distiller(DistillationHooks, nn.Module):
         if not isinstance(student, nn.Module):
             raise TypeError(f"student must be an nn.Module, got {type(student).__name__}.")
         self.student = student
-        self.logits_selector = _renamed("logits", logits, "logits_selector", logits_selector)
-        teacher_logits_selector = _renamed(
-            "teacher_logits", teacher_logits, "teacher_logits_selector", teacher_logits_selector
+        self.logits_selector, self.teacher_logits_selector = selectors(
+            logits_selector, teacher_logits_selector, logits, teacher_logits
         )
-        if teacher_logits_selector is None:
-            teacher_logits_selector = self.logits_selector
-        self.teacher_logits_selector = teacher_logits_selector
-        self.check_finite = check_finite
-        self._check_finite = FiniteCheck(check_finite_every)
-        self.terms = name_terms(terms)
-        self._bound = bind_terms(self.terms)
-        self._reads_teacher = any(b.reads_teacher for b in self._bound)
-        self._student_feature_paths, teacher_paths = feature_paths(self._bound)
-        student_elided, teacher_elided = elided_paths(self._bound)
-        if compile and (self._student_feature_paths or any(teacher_paths.values())):
-            raise ValueError(
-                "compile=True supports logit terms only; feature terms add hooks on every "
-                "step, which would force recompiles. Drop compile or the feature terms."
-            )
-        source = source_of(
+        parts = assemble(
+            student,
             teacher,
-            teacher_paths,
-            logits_selector=teacher_logits_selector,
+            terms,
+            teacher_weights=teacher_weights,
+            teacher_logits_selector=self.teacher_logits_selector,
+            example_input=example_input,
             autocast_dtype=autocast_dtype,
             channels_last=channels_last,
             compile=compile,
-            elide=teacher_elided,
+            vocab_map=vocab_map,
         )
-        check_sparse_terms(self._bound, source)
-        self.teacher_side = Teachers(
-            source, weights=teacher_weights, logits_selector=teacher_logits_selector
-        )
-        self.losses = nn.ModuleDict(
-            {n: t.loss for n, t in self.terms.items() if isinstance(t.loss, nn.Module)}
-        )
-        check_paths(self._bound, student, self.teachers)
-        self._bound = attach_heads(self._bound, student, self.teachers)
-        self._student_capture = StepCapture(
-            student, self._student_feature_paths, elide=student_elided
-        )
-        self.adapters = build_adapters(self._bound, student, self.teachers, example_input)
+        self.terms, self._bound, self.teacher_side = parts.terms, parts.bound, parts.teacher_side
+        self.losses, self.adapters, self.vocab_map = parts.losses, parts.adapters, parts.vocab_map
+        self._student_capture = parts.student_capture
+        self._student_feature_paths = parts.student_feature_paths
+        self._reads_teacher = parts.reads_teacher
+        self.check_finite = check_finite
+        self._check_finite = FiniteCheck(check_finite_every)
         self.epoch = 0
         self.autocast_dtype, self.channels_last = autocast_dtype, channels_last
         # Looked up only when a term takes a mask, so other steps pay nothing for it.
-        self.mask_keys = tuple(mask_keys) if any(b.gets_mask for b in self._bound) else ()
+        self.mask_keys = tuple(mask_keys) if parts.gets_mask else ()
         self.teacher_inputs = dict(teacher_inputs or {})
         self.teacher_drop_keys = frozenset(teacher_drop_keys)
         self.loss_weights = check_loss_weights(loss_weights)
-        self.vocab_map = check_vocab_map(vocab_map, self._bound)
         if channels_last:
             student.to(memory_format=torch.channels_last)
         # A plain attribute, not a submodule: a second registration would duplicate the
@@ -217,14 +168,13 @@ class Distiller(DistillationHooks, nn.Module):
         ``config`` is a shipped method name (``"kd"``, ``"dkd"``, ``"at"``, ...), a YAML file
         or a mapping with a ``terms`` mapping of ``_target_: kdkit.Term`` configs (see
         :mod:`kdkit.config`); ``options`` are the other keyword arguments of ``Distiller``.
-        ``context`` holds what the config's terms interpolate outside it: the feature methods
-        (``"fitnets"``, ``"mse_hidden"``, ``"at"``, ...) read the layers to compare from
-        ``context={"student": {"feature_layers": [...]}, "teacher": {"feature_layers":
-        [...]}}`` (addresses, see :class:`Term`; lists of unequal length are paired by
-        :func:`kdkit.capture.pair_layers`).
+        ``context`` holds what the terms interpolate from outside: the feature methods
+        (``"fitnets"``, ``"at"``, ...) read ``context={"student": {"feature_layers": [...]},
+        "teacher": {"feature_layers": [...]}}`` (addresses, see :class:`Term`; lists of unequal
+        length are paired by :func:`kdkit.capture.pair_layers`).
         """
-        # Imported here so that `import kdkit` does not import Hydra (kdkit.config imports only
-        # kdkit.term from the core, so this is no circle).
+        # Imported here so that `import kdkit` does not import Hydra (no circle: kdkit.config
+        # imports only kdkit.term from the core).
         from kdkit.config import load_distill_config, terms_from_config
 
         terms = terms_from_config(load_distill_config(config, context))
@@ -261,7 +211,7 @@ class Distiller(DistillationHooks, nn.Module):
         """
         if self.channels_last:
             inputs = to_channels_last(inputs)
-        if mask is None:
+        if mask is None and self.mask_keys:
             mask = self.batch_mask(inputs)
         # Teacher first, as a hand-written loop does: measured ~5% faster per step on CPU than
         # running it after the student (benchmarks/overhead.py).
@@ -317,14 +267,9 @@ class Distiller(DistillationHooks, nn.Module):
         """The weighted terms for a student output (and its captured features) and the teacher
         outputs of :meth:`teacher_outputs`."""
         logits = select_tensor(student_output, self.logits_selector)
+        features = student_features or {}
         step = StepInputs.of(
-            logits,
-            student_features or {},
-            teacher,
-            target,
-            mask,
-            num_items_in_batch,
-            self.vocab_map,
+            logits, features, teacher, target, mask, num_items_in_batch, self.vocab_map
         )
         values: dict[str, Tensor] = {}
         total: Tensor | None = None
@@ -389,15 +334,3 @@ class Distiller(DistillationHooks, nn.Module):
         for t in self.teacher_side.modules:
             t._apply(fn, recurse)
         return super()._apply(fn, recurse)
-
-
-def _renamed(old: str, old_value: Selector, new: str, new_value: Selector) -> Selector:
-    """``new_value``, or the value given under the deprecated keyword ``old``, with a warning."""
-    if old_value is None:
-        return new_value
-    if new_value is not None:
-        raise TypeError(f"Distiller() got both {old}= and {new}=; pass {new}= only.")
-    warnings.warn(
-        f"Distiller({old}=...): {old}= is deprecated; use {new}=.", DeprecationWarning, stacklevel=3
-    )
-    return old_value

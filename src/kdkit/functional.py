@@ -195,20 +195,23 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     return F.kl_div(_floor(log_q), _floor(log_p), reduction="none", log_target=True).sum(dim=-1)
 
 
-def _kl_mean(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """The mean of :func:`_kl_rows` over all rows, summed and divided in the same kernel."""
+def _kl_mean(log_p: Tensor, log_q: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale`` times the mean of :func:`_kl_rows` over all rows: one summing kernel and one
+    multiplication by ``scale / N`` (``batchmean`` and then a scale would be two)."""
     log_q, log_p = _rows(_floor(log_q)), _rows(_floor(log_p))
-    return F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True) * (scale / log_q.shape[0])
 
 
-def _kl_mean_to_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+def _kl_mean_to_probs(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, scale: float
+) -> Tensor:
     """:func:`_kl_mean` of the softened teacher and student, with the teacher's side as
     probabilities ``p_t``: ``p_t log p_t - p_t log q`` is 0 where ``p_t`` is, so only the
     student's log-probabilities need the floor (a kernel fewer than two floors). For a teacher
     without gradient only: ``d(p log p)/dp`` is infinite at ``p = 0``."""
     log_q = _rows(_floor(log_softmax(student_logits, temperature)))
-    p_t = F.softmax(_scaled(teacher_logits, temperature), dim=-1)
-    return F.kl_div(log_q, _rows(p_t), reduction="batchmean")
+    p_t = _rows(F.softmax(_scaled(teacher_logits, temperature), dim=-1))
+    return F.kl_div(log_q, p_t, reduction="sum") * (scale / log_q.shape[0])
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -336,10 +339,11 @@ def kl_div(
     keep = _keep(mask, student_logits)
     if plain_mean(student_logits, keep, reduction, num_items_in_batch):
         if not teacher_logits.requires_grad:
-            return temperature**2 * _kl_mean_to_probs(student_logits, teacher_logits, temperature)
+            scale = temperature**2
+            return _kl_mean_to_probs(student_logits, teacher_logits, temperature, scale)
     log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
     if plain_mean(student_logits, keep, reduction, num_items_in_batch):
-        return temperature**2 * _kl_mean(log_p_t, log_p_s)
+        return _kl_mean(log_p_t, log_p_s, temperature**2)
     rows = temperature**2 * _kl_rows(log_p_t, log_p_s)
     return reduce(rows, keep, reduction, num_items_in_batch)
 
@@ -375,7 +379,7 @@ def reverse_kl_div(
     student_logits = _teacher_support(student_logits, teacher_logits)
     log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
     if plain_mean(student_logits, keep, reduction, num_items_in_batch):
-        return temperature**2 * _kl_mean(log_p_s, log_p_t)
+        return _kl_mean(log_p_s, log_p_t, temperature**2)
     rows = temperature**2 * _kl_rows(log_p_s, log_p_t)
     return reduce(rows, keep, reduction, num_items_in_batch)
 
@@ -774,6 +778,11 @@ def mse_hidden_states(
     if validate_args:
         check_reduction(reduction, "mse_hidden_states")
     _check_layers(student, teacher, "mse_hidden_states")
+    # The plain mean: F.mse_loss's own mean, one kernel forward and backward per layer (its
+    # "none" values and a mean over them cost a full-size division in the backward).
+    fused = mask is None and all(
+        plain_mean(s, None, reduction, num_items_in_batch) for s in student
+    )
     keep = None
     per_layer = []
     for i, (s, t) in enumerate(zip(student, teacher, strict=True)):
@@ -785,8 +794,13 @@ def mse_hidden_states(
             s, t = _drop(s, keep), _drop(t, keep)
         if normalize:
             s, t = F.normalize(s, dim=dim), F.normalize(t, dim=dim)
+        if fused:
+            per_layer.append(F.mse_loss(s, t))
+            continue
         squared = F.mse_loss(s, t, reduction="none")
         per_layer.append(squared.mean(dim=-1) if keep is not None else squared)
+    if fused:
+        return _average(per_layer)
     return _layer_mean(per_layer, keep, reduction, num_items_in_batch, "mse_hidden_states")
 
 
