@@ -9,6 +9,8 @@ Absolute times are reported for context, never asserted.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -63,6 +65,39 @@ def set_threads(threads: int | None) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+ALLOCATOR_DEFAULT = "default (glibc malloc trims freed memory and mmaps large blocks)"
+
+
+def add_allocator_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="keep malloc's defaults (page faults of re-faulted memory add noise to step times)",
+    )
+    return parser
+
+
+def fix_allocator(default: bool = False) -> str:
+    """Keep freed memory in this process: glibc malloc's trim and mmap thresholds set to 1 GiB.
+
+    By default glibc returns a freed large block to the OS (mmap'ed blocks, the trimmed heap
+    top), so the next step page-faults it back in: on a CPU training step of these sizes that is
+    ~20% of the time, and how much depends on which tensors happen to outlive a step (a loop
+    keeping the last step's features trims less). Step-time ratios then measure the allocator's
+    luck; with the thresholds fixed they measure the step. Returns what this process uses.
+    """
+    if default:
+        return ALLOCATOR_DEFAULT
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return ALLOCATOR_DEFAULT.replace("glibc", "not glibc:")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    if mallopt(m_mmap_threshold, 1 << 30) != 1 or mallopt(m_trim_threshold, 1 << 30) != 1:
+        return ALLOCATOR_DEFAULT + "; mallopt refused the fixed thresholds"
+    return "glibc malloc, trim and mmap thresholds fixed at 1 GiB (mallopt): freed memory is reused"
 
 
 def interleaved(

@@ -22,8 +22,13 @@ One repetition is one training step; the variants alternate step by step (so bot
 same machine load) and the reported ratio is the median of the per-pair ratios kdkit / hand.
 ``--profile`` adds a torch.profiler account of the ops that only the Distiller runs.
 
+The process keeps freed memory (glibc malloc's trim and mmap thresholds fixed,
+``common.fix_allocator``): by default the allocator hands large freed blocks back to the OS and
+every step page-faults them in again, ~20% of a step here, by an amount that depends on which
+tensors outlive a step; ``--default-allocator`` measures with malloc's defaults.
+
     python benchmarks/overhead.py [--quick | --smoke] [--only logits|features] [--profile]
-                                  [--json out.json]
+                                  [--default-allocator] [--json out.json]
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    add_allocator_arg,
     add_mode_args,
     distiller_speed_options,
+    fix_allocator,
     floor_ratio,
     fmt_ms,
     fmt_ratio,
@@ -255,10 +262,12 @@ def run(
     threads: int | None = None,
     profile: bool = False,
     only: str | None = None,
+    keep_freed_memory: bool = False,
 ) -> dict[str, Any]:
     """The logit step (top-level keys) and the feature step (``result["features"]``)."""
     if only is not None and only not in SECTIONS:
         raise ValueError(f"only must be one of {SECTIONS} or None, got {only!r}")
+    allocator = fix_allocator(default=not keep_freed_memory)
     threads = set_threads(threads)
     repeats = pick(mode, 4, 150, 1500)
     profile_steps = pick(mode, 2, 10, 20)
@@ -266,6 +275,7 @@ def run(
         "benchmark": "overhead",
         "mode": mode,
         "threads": threads,
+        "allocator": allocator,
         "speed_options_available": sorted(distiller_speed_options()),
     }
     if only in (None, "logits"):
@@ -318,11 +328,11 @@ def profile_difference(env: dict[str, Any], steps: int) -> dict[str, Any]:
     }
 
 
-def _report_section(r: dict[str, Any], threads: int) -> list[str]:
+def _report_section(r: dict[str, Any], threads: int, allocator: str) -> list[str]:
     c = r["config"]
     lines = [
         f"- models: teacher {c['teacher']}, student {c['student']}, input {c['input']}, "
-        f"{c['loss']}, {c['optimizer']}, {threads} torch threads",
+        f"{c['loss']}, {c['optimizer']}, {threads} torch threads; allocator: {allocator}",
     ]
     if "first_loss" in r:
         lines.append(
@@ -355,7 +365,8 @@ def _report_section(r: dict[str, Any], threads: int) -> list[str]:
 def report(result: dict[str, Any]) -> str:
     lines = []
     if "ratio_kdkit_over_hand" in result:
-        lines += ["Logit step (KD only):", "", *_report_section(result, result["threads"])]
+        section = _report_section(result, result["threads"], result["allocator"])
+        lines += ["Logit step (KD only):", "", *section]
     if "features" in result:
         if lines:
             lines.append("")
@@ -363,7 +374,7 @@ def report(result: dict[str, Any]) -> str:
             "Feature step (KD + MSE through 1x1-conv adapters + attention transfer, 2 layers; "
             "the hand-written step registers its hooks once):",
             "",
-            *_report_section(result["features"], result["threads"]),
+            *_report_section(result["features"], result["threads"], result["allocator"]),
         ]
     return "\n".join(lines)
 
@@ -372,8 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = add_mode_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler breakdown")
     parser.add_argument("--only", choices=SECTIONS, default=None, help="measure one step only")
-    args = parser.parse_args(argv)
-    result = run(mode_of(args), args.threads, args.profile, args.only)
+    args = add_allocator_arg(parser).parse_args(argv)
+    result = run(mode_of(args), args.threads, args.profile, args.only, not args.default_allocator)
     write_json(result, args.json)
     print(report(result), file=sys.stderr)
     return result

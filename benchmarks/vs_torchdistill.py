@@ -12,7 +12,8 @@ one, ``--td-python``, ``$KDKIT_TD_PYTHON``, or ``/tmp/tdvenv/bin/python``; witho
 records a skip with the reason. kdkit is put on that Python's path (``PYTHONPATH=src``), so both
 frameworks run in the same interpreter with the same torch:
 
-* time: ONE worker process runs both step functions, alternating step by step (ratio = median
+* time: ONE worker process (keeping freed memory, as ``overhead.py`` explains; not with
+  ``--default-allocator``) runs both step functions, alternating step by step (ratio = median
   of the per-pair ratios kdkit / torchdistill), and counts the torch ops of a step of each
   (torch.profiler; deterministic, so a load-free measure next to the load-sensitive times);
 * memory: one fresh worker process per framework runs the same steps and reports its peak
@@ -26,7 +27,8 @@ kdkit's ``Distiller(student, teacher, [Term(CrossEntropyLoss(), 0.5), Term(KLDiv
 torchdistill's box does not put the teacher in eval mode itself; the worker does (once), as
 kdkit does on every forward.
 
-    python benchmarks/vs_torchdistill.py [--quick | --smoke] [--td-python PATH] [--json out.json]
+    python benchmarks/vs_torchdistill.py [--quick | --smoke] [--td-python PATH]
+                                         [--default-allocator] [--json out.json]
 """
 
 from __future__ import annotations
@@ -45,8 +47,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from common import (  # noqa: E402
+    add_allocator_arg,
     add_mode_args,
     current_rss_mib,
+    fix_allocator,
     floor_ratio,
     fmt_ms,
     fmt_ratio,
@@ -167,7 +171,8 @@ def _make(framework: str, teacher: Any, student: Any) -> Any:
     return fn(copy.deepcopy(teacher), copy.deepcopy(student))
 
 
-def worker_time(mode: str) -> dict[str, Any]:
+def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
+    allocator = fix_allocator(default=not keep_freed_memory)
     cfg = _config(mode)
     teacher, student, batches = _models(cfg)
     steps = {fw: _make(fw, teacher, student) for fw in ("kdkit", "torchdistill")}
@@ -193,6 +198,7 @@ def worker_time(mode: str) -> dict[str, Any]:
 
     return {
         "config": cfg,
+        "allocator": allocator,
         "torch": torch.__version__,
         "torchdistill": getattr(torchdistill, "__version__", "?"),
         "first_loss": first,
@@ -278,7 +284,10 @@ def _run_worker(python: str, args: list[str], threads: int | None) -> dict[str, 
 
 
 def run(
-    mode: str = "quick", threads: int | None = None, td_python: str | None = None
+    mode: str = "quick",
+    threads: int | None = None,
+    td_python: str | None = None,
+    keep_freed_memory: bool = True,
 ) -> dict[str, Any]:
     threads = set_threads(threads)
     python, how = find_td_python(td_python)
@@ -287,7 +296,8 @@ def run(
         result.update(measured=False, reason=how)
         print(how, file=sys.stderr)
         return result
-    timing = _run_worker(python, ["--worker", "time", "--mode", mode], threads)
+    allocator = [] if keep_freed_memory else ["--default-allocator"]
+    timing = _run_worker(python, ["--worker", "time", "--mode", mode, *allocator], threads)
     memory = {
         fw: _run_worker(python, ["--worker", "memory", "--framework", fw, "--mode", mode], threads)
         for fw in ("kdkit", "torchdistill")
@@ -322,7 +332,8 @@ def report(result: dict[str, Any]) -> str:
             f"- torch {t['torch']}, torchdistill {t['torchdistill']} (interpreter "
             f"`{result['python']}`); teacher small_cnn(width={c['teacher_width']}), student "
             f"small_cnn(width={c['student_width']}), input [{c['batch']}, 3, {c['size']}, "
-            f"{c['size']}], 0.5 CE + 0.5 T^2 KL (T=4), SGD; {result['threads']} torch threads",
+            f"{c['size']}], 0.5 CE + 0.5 T^2 KL (T=4), SGD; {result['threads']} torch threads; "
+            f"allocator (time): {t['allocator']}",
             f"- first-step loss: kdkit {t['first_loss']['kdkit']:.6f}, torchdistill "
             f"{t['first_loss']['torchdistill']:.6f} (same KD; |diff| "
             f"{t['first_loss_abs_diff']:.2e})",
@@ -352,17 +363,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--framework", choices=["kdkit", "torchdistill"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["smoke", "quick", "full"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = add_allocator_arg(parser).parse_args(argv)
     if args.worker:
         set_threads(args.threads)
         out = (
-            worker_time(args.mode)
+            worker_time(args.mode, not args.default_allocator)
             if args.worker == "time"
             else worker_memory(args.mode, args.framework)
         )
         print(json.dumps(out))
         return None
-    result = run(mode_of(args), args.threads, args.td_python)
+    result = run(mode_of(args), args.threads, args.td_python, not args.default_allocator)
     write_json(result, args.json)
     print(report(result), file=sys.stderr)
     return result

@@ -359,7 +359,7 @@ def test_on_an_accelerator_finiteness_is_read_every_n_steps(teacher):
         {"kd": Term(KLDivLoss()), "hint": Term(KLDivLoss(2.0))},
         check_finite_every=3,
     )
-    on_gpu = SimpleNamespace(device=torch.device("cuda"))  # only its device is read
+    on_gpu = SimpleNamespace(device=torch.device("cuda"), is_cpu=False)  # only these are read
     fine = {"kd": torch.tensor(1.0), "hint": torch.tensor(2.0)}
     broken = {"kd": torch.tensor(1.0), "hint": torch.tensor(float("inf"))}
     distiller._check_finite(on_gpu, fine)

@@ -68,6 +68,8 @@ def check_attention_p(p: float) -> float:
 
 def check_logits(student_logits: Tensor, teacher_logits: Tensor) -> None:
     """Student and teacher logits: ``[B, C]`` or ``[B, L, C]``, the same shape."""
+    if student_logits.shape == teacher_logits.shape and 2 <= student_logits.dim() <= 3:
+        return  # the common case, decided in two comparisons (a step's hot path)
     s, t = tuple(student_logits.shape), tuple(teacher_logits.shape)
     if student_logits.dim() not in (2, 3):
         raise ValueError(
@@ -110,7 +112,7 @@ def check_mask(
 
 def check_hard_target(target: Tensor, logits: Tensor) -> None:
     """Class indices shaped like ``logits`` without the class dim."""
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
+    if target.shape != logits.shape[:-1]:
         raise ValueError(
             f"target shape {tuple(target.shape)} does not match logits shape "
             f"{tuple(logits.shape)}; expected class indices shaped {tuple(logits.shape[:-1])}"

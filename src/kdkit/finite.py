@@ -24,7 +24,7 @@ class FiniteCheck:
         self._pending = 0
 
     def __call__(self, total: Tensor, values: dict[str, Tensor]) -> None:
-        if total.device.type == "cpu":
+        if total.is_cpu:
             if not math.isfinite(total.item()):  # one read, no isfinite kernel
                 self._raise(values, [bool(torch.isfinite(v).all()) for v in values.values()])
             return

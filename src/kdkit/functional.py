@@ -210,7 +210,7 @@ def _kl_mean_to_probs(
     student's log-probabilities need the floor (a kernel fewer than two floors). For a teacher
     without gradient only: ``d(p log p)/dp`` is infinite at ``p = 0``."""
     log_q = _rows(_floor(log_softmax(student_logits, temperature)))
-    p_t = _rows(F.softmax(_scaled(teacher_logits, temperature), dim=-1))
+    p_t = _rows(_scaled(teacher_logits, temperature).softmax(-1))
     return F.kl_div(log_q, p_t, reduction="sum") * (scale / log_q.shape[0])
 
 
@@ -588,7 +588,7 @@ def _all_labeled_on_cpu(
     the step, so there the general path (which needs no read) runs.
     """
     plain = reduction == "mean" and mask is None and num_items_in_batch is None
-    return plain and target.device.type == "cpu" and target.numel() > 0 and int(target.min()) >= 0
+    return plain and target.is_cpu and target.numel() > 0 and int(target.min()) >= 0
 
 
 def mse_logits(
