@@ -192,6 +192,7 @@ def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
 
     times = interleaved({fw: many(s) for fw, s in steps.items()}, cfg["repeats"], warmup=3)
     ops = {fw: ops_per_step(step, batches) for fw, step in steps.items()}
+    calls = {fw: python_calls_per_step(step, batches) for fw, step in steps.items()}
     per_step = {k: [t / cfg["steps"] for t in v] for k, v in times.items()}
     import torch
     import torchdistill
@@ -204,6 +205,7 @@ def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
         "first_loss": first,
         "first_loss_abs_diff": abs(first["kdkit"] - first["torchdistill"]),
         "ops_per_step": ops,
+        "python_calls_per_step": calls,
         "step_s": {k: summary(v) for k, v in per_step.items()},
         "ratio_kdkit_over_torchdistill": paired_ratio(per_step["kdkit"], per_step["torchdistill"]),
         "floor_ratio_kdkit_over_torchdistill": floor_ratio(
@@ -220,6 +222,20 @@ def ops_per_step(step: Any, batches: list[Any], steps: int = 4) -> float:
         for i in range(steps):
             step(*batches[i % len(batches)])
     return sum(e.count for e in prof.key_averages()) / steps
+
+
+def python_calls_per_step(step: Any, batches: list[Any], steps: int = 20) -> float:
+    """Python function calls (cProfile's count, C functions included) per training step: what
+    the op count does not see, the interpreter's share of a step, also load-free."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(steps):
+        step(*batches[i % len(batches)])
+    profiler.disable()
+    return pstats.Stats(profiler).total_calls / steps
 
 
 def worker_memory(mode: str, framework: str) -> dict[str, Any]:
@@ -341,7 +357,9 @@ def report(result: dict[str, Any]) -> str:
             f"{fmt_ms(t['step_s']['torchdistill'])}",
             f"- torch ops per step (torch.profiler, load-free): kdkit "
             f"{t['ops_per_step']['kdkit']:.0f}, torchdistill "
-            f"{t['ops_per_step']['torchdistill']:.0f}",
+            f"{t['ops_per_step']['torchdistill']:.0f}; Python function calls per step (cProfile): "
+            f"kdkit {t['python_calls_per_step']['kdkit']:.0f}, torchdistill "
+            f"{t['python_calls_per_step']['torchdistill']:.0f}",
             f"- **step-time ratio kdkit / torchdistill: "
             f"{fmt_ratio(t['ratio_kdkit_over_torchdistill'])}**; fastest steps: min "
             f"{t['floor_ratio_kdkit_over_torchdistill']['min']:.3f}, first quartile "
