@@ -71,8 +71,10 @@ def test_overhead_feature_step_smoke() -> None:
     # Same weights (adapters copied from the Distiller's), same batch, same three losses.
     first = features["first_loss"]
     assert first["kdkit"] == pytest.approx(first["hand"], rel=1e-5, abs=1e-6)
-    # The Distiller runs more ops (checks, per-step hooks) but never fewer than the hand step.
-    assert features["profile"]["kdkit_ops_per_step"] >= features["profile"]["hand_ops_per_step"]
+    # The same work: the Distiller's op count is within 2% of the hand step's (its checks add
+    # a few ops, its fused reductions save a few).
+    kdkit_ops = features["profile"]["kdkit_ops_per_step"]
+    assert kdkit_ops == pytest.approx(features["profile"]["hand_ops_per_step"], rel=0.02)
     text = overhead.report(result)
     assert "Feature step" in text and "Logit step" not in text
     with pytest.raises(ValueError, match="only must be one of"):
