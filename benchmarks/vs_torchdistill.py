@@ -25,7 +25,9 @@ torchdistill's ``DistillationBox`` with a ``WeightedSumLoss`` holding its ``KDLo
 on the models' outputs (``forward_process`` + ``post_forward_process``: backward, SGD step);
 kdkit's ``Distiller(student, teacher, [Term(CrossEntropyLoss(), 0.5), Term(KLDivLoss(4), 0.5)])``.
 torchdistill's box does not put the teacher in eval mode itself; the worker does (once), as
-kdkit does on every forward.
+kdkit does on every forward. A third variant, kdkit with ``check_finite=False``, runs in the
+same rotation: what kdkit's one default guarantee that torchdistill lacks (the loss read for
+NaN/Inf every CPU step) costs.
 
     python benchmarks/vs_torchdistill.py [--quick | --smoke] [--td-python PATH]
                                          [--default-allocator] [--json out.json]
@@ -37,8 +39,10 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +86,7 @@ def _config(mode: str) -> dict[str, Any]:
         # one step per repetition, frameworks alternating step by step (same machine load)
         "steps": 1,
         "repeats": pick(mode, 4, 100, 1500),
+        "phase_repeats": pick(mode, 4, 100, 1000),
         "memory_steps": pick(mode, 3, 20, 40),
     }
 
@@ -99,7 +104,7 @@ def _models(cfg: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
     return teacher, student, batches
 
 
-def _kdkit_step(teacher: Any, student: Any) -> Any:
+def _kdkit_step(teacher: Any, student: Any, check_finite: bool = True) -> Any:
     import torch
 
     from kdkit import Distiller, Term
@@ -112,6 +117,7 @@ def _kdkit_step(teacher: Any, student: Any) -> Any:
             Term(CrossEntropyLoss(), ALPHA, teacher=None, target=True),
             Term(KLDivLoss(TEMPERATURE), 1.0 - ALPHA),
         ],
+        check_finite=check_finite,
     ).train()
     opt = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
 
@@ -122,6 +128,12 @@ def _kdkit_step(teacher: Any, student: Any) -> Any:
         opt.step()
         return out.loss.detach()
 
+    step.phases = {  # type: ignore[attr-defined]  (see phase_times)
+        "teacher": (distiller, "teacher_outputs"),
+        "student": (distiller.student, "forward"),
+        "loss": (distiller, "compute_loss"),
+        "forward": (distiller, "forward"),
+    }
     return step
 
 
@@ -163,19 +175,33 @@ def _torchdistill_step(teacher: Any, student: Any) -> Any:
         box.post_forward_process(loss)
         return loss.detach()
 
+    step.phases = {  # type: ignore[attr-defined]  (see phase_times)
+        "teacher": (box, "get_teacher_output"),
+        "student": (box.student_model, "forward"),
+        "loss": (box, "criterion"),
+        "forward": (box, "forward_process"),
+    }
+
     return step
 
 
+VARIANTS = ("kdkit", "torchdistill", "kdkit_unchecked")
+
+
 def _make(framework: str, teacher: Any, student: Any) -> Any:
-    fn = _kdkit_step if framework == "kdkit" else _torchdistill_step
-    return fn(copy.deepcopy(teacher), copy.deepcopy(student))
+    """A training step of ``framework``; ``kdkit_unchecked`` is kdkit with
+    ``check_finite=False`` (no per-step read of the loss for NaN/Inf)."""
+    teacher, student = copy.deepcopy(teacher), copy.deepcopy(student)
+    if framework == "torchdistill":
+        return _torchdistill_step(teacher, student)
+    return _kdkit_step(teacher, student, check_finite=framework == "kdkit")
 
 
 def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
     allocator = fix_allocator(default=not keep_freed_memory)
     cfg = _config(mode)
     teacher, student, batches = _models(cfg)
-    steps = {fw: _make(fw, teacher, student) for fw in ("kdkit", "torchdistill")}
+    steps = {fw: _make(fw, teacher, student) for fw in VARIANTS}
     # Same initial weights and batch: the first losses must agree (the same KD on both sides).
     x, y = batches[0]
     first = {fw: float(step(x, y)) for fw, step in steps.items()}
@@ -191,6 +217,7 @@ def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
         return go
 
     times = interleaved({fw: many(s) for fw, s in steps.items()}, cfg["repeats"], warmup=3)
+    phases = phase_times(teacher, student, batches, cfg["phase_repeats"])
     ops = {fw: ops_per_step(step, batches) for fw, step in steps.items()}
     calls = {fw: python_calls_per_step(step, batches) for fw, step in steps.items()}
     per_step = {k: [t / cfg["steps"] for t in v] for k, v in times.items()}
@@ -204,6 +231,7 @@ def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
         "torchdistill": getattr(torchdistill, "__version__", "?"),
         "first_loss": first,
         "first_loss_abs_diff": abs(first["kdkit"] - first["torchdistill"]),
+        "phase_median_s": phases,
         "ops_per_step": ops,
         "python_calls_per_step": calls,
         "step_s": {k: summary(v) for k, v in per_step.items()},
@@ -211,7 +239,62 @@ def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
         "floor_ratio_kdkit_over_torchdistill": floor_ratio(
             per_step["kdkit"], per_step["torchdistill"]
         ),
+        "ratio_unchecked_over_torchdistill": paired_ratio(
+            per_step["kdkit_unchecked"], per_step["torchdistill"]
+        ),
     }
+
+
+def phase_times(teacher: Any, student: Any, batches: list[Any], repeats: int) -> dict[str, Any]:
+    """Where a step's time goes, per framework: teacher, student, loss, the rest of the forward
+    and backward + optimizer step (medians, interleaved like the main measurement).
+
+    Each framework's own methods are wrapped on fresh copies of its step (kdkit's
+    ``teacher_outputs``, the student's ``forward``, ``compute_loss``, ``forward``;
+    torchdistill's ``get_teacher_output``, the student's ``forward``, ``criterion``,
+    ``forward_process``), so the step runs unchanged, plus one timer call per phase on both.
+    """
+    clocks: dict[str, dict[str, float]] = {}
+    steps = {}
+    for fw in ("kdkit", "torchdistill"):
+        step, clock = _make(fw, teacher, student), clocks.setdefault(fw, {})
+        for phase, (owner, name) in step.phases.items():
+            setattr(owner, name, _timed(getattr(owner, name), clock, phase))
+        steps[fw] = step
+    samples: dict[str, dict[str, list[float]]] = {fw: {} for fw in steps}
+
+    def many(fw: str) -> Any:
+        count = [0]
+
+        def go() -> None:
+            start = time.perf_counter()
+            steps[fw](*batches[count[0] % len(batches)])
+            total = time.perf_counter() - start
+            c = clocks[fw]
+            rest = c["forward"] - c["teacher"] - c["student"] - c["loss"]
+            phases = {**c, "rest_of_forward": rest, "backward_and_step": total - c["forward"]}
+            for phase, value in phases.items():
+                samples[fw].setdefault(phase, []).append(value)
+            count[0] += 1
+
+        return go
+
+    interleaved({fw: many(fw) for fw in steps}, repeats, warmup=3)
+    return {
+        fw: {phase: statistics.median(v) for phase, v in by_phase.items() if phase != "forward"}
+        for fw, by_phase in samples.items()
+    }
+
+
+def _timed(fn: Any, clock: dict[str, float], phase: str) -> Any:
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[phase] = time.perf_counter() - start
+
+    return timed
 
 
 def ops_per_step(step: Any, batches: list[Any], steps: int = 4) -> float:
@@ -364,6 +447,10 @@ def report(result: dict[str, Any]) -> str:
             f"{fmt_ratio(t['ratio_kdkit_over_torchdistill'])}**; fastest steps: min "
             f"{t['floor_ratio_kdkit_over_torchdistill']['min']:.3f}, first quartile "
             f"{t['floor_ratio_kdkit_over_torchdistill']['q1']:.3f}",
+            _phase_line(t["phase_median_s"], c["phase_repeats"]),
+            f"- kdkit with `check_finite=False` (its one per-step read of the loss for NaN/Inf "
+            f"left out; the default is on): ratio "
+            f"{fmt_ratio(t['ratio_unchecked_over_torchdistill'])}",
             f"- peak RSS ({result['memory_method']}): kdkit {m['kdkit']['peak_rss_mib']:.0f} MiB, "
             f"torchdistill {m['torchdistill']['peak_rss_mib']:.0f} MiB; **ratio "
             f"{result['ratio_peak_rss_kdkit_over_torchdistill']:.3f}**",
@@ -373,6 +460,16 @@ def report(result: dict[str, Any]) -> str:
             + (f"; ratio {inc:.3f}" if inc is not None else ""),
         ]
     )
+
+
+def _phase_line(phases: dict[str, dict[str, float]], n: int) -> str:
+    k, td = phases["kdkit"], phases["torchdistill"]
+    parts = ", ".join(
+        f"{name.replace('_', ' ')} {1e6 * k[name]:.0f} vs {1e6 * td[name]:.0f} "
+        f"({1e6 * (k[name] - td[name]):+.0f})"
+        for name in ("teacher", "student", "loss", "rest_of_forward", "backward_and_step")
+    )
+    return f"- where the time goes (median us per phase, kdkit vs torchdistill, n={n}): {parts}"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:

@@ -211,7 +211,7 @@ class Distiller(DistillationHooks, nn.Module):
         """
         if self.channels_last:
             inputs = to_channels_last(inputs)
-        if mask is None and self.mask_keys:
+        if mask is None and self.mask_keys and not isinstance(inputs, Tensor):
             mask = self.batch_mask(inputs)
         # Teacher first, as a hand-written loop does: measured ~5% faster per step on CPU than
         # running it after the student (benchmarks/overhead.py).

@@ -336,7 +336,7 @@ def kl_div(
         temperature = check_temperature(temperature)
         check_reduction(reduction, "kl_div")
     check_logits(student_logits, teacher_logits)
-    keep = _keep(mask, student_logits)
+    keep = None if mask is None else _keep(mask, student_logits)
     if plain_mean(student_logits, keep, reduction, num_items_in_batch):
         if not teacher_logits.requires_grad:
             scale = temperature**2

@@ -34,6 +34,7 @@ from kdkit.contract import DistillationLoss
 from kdkit.losses import SparseKLDivLoss
 
 _TRAINING = attrgetter("training")
+_NO_AUTOCAST = contextlib.nullcontext()  # stateless, so one serves every step
 
 
 class TeacherOutputs(NamedTuple):
@@ -143,7 +144,7 @@ class OnlineTeachers(TeacherSource):
 
     def _autocast(self, inputs: Any) -> Any:
         if self.autocast_dtype is None:
-            return contextlib.nullcontext()
+            return _NO_AUTOCAST
         device = next((t.device for t in _tensors(inputs)), torch.device("cpu"))
         return torch.autocast(device.type, dtype=self.autocast_dtype)
 
