@@ -1,9 +1,10 @@
 """The step's fast paths give the general paths' values and gradients.
 
 Each common case has a shorter route (benchmarks/overhead.py, vs_torchdistill.py): hard labels
-all >= 0 on the CPU take ``F.cross_entropy``'s one call, the plain KL mean reads the teacher as
-probabilities (one floor fewer), the plain hidden-state MSE takes ``F.mse_loss``'s own mean.
-The general routes stay for the other inputs; both must agree.
+all >= 0 on the CPU take one ``F.nll_loss``, the plain KL mean reads the teacher as
+probabilities (one floor fewer), the plain hidden-state MSE takes ``F.mse_loss``'s own mean, the
+Distiller adds a term with a number weight in one ``torch.add(alpha=w)``. The general routes
+stay for the other inputs; both must agree.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pytest
 import torch
 
 import kdkit.functional as KF
+from kdkit import Distiller, Term
+from kdkit.losses import CrossEntropyLoss, KLDivLoss
 
 
 def _grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,3 +94,29 @@ def test_hidden_state_mse_mean_equals_the_mean_of_its_per_sample_values() -> Non
     torch.testing.assert_close(g_fused, g_general, rtol=1e-12, atol=1e-15)
     expected = sum(((s - t) ** 2).mean() for s, t in zip(student, teacher, strict=True)) / 2
     torch.testing.assert_close(fused, expected, rtol=1e-12, atol=0)
+
+
+def test_cross_entropy_shares_the_log_softmax_of_a_soft_term_at_t1() -> None:
+    logits = torch.randn(5, 4, requires_grad=True)
+    target = torch.randint(0, 4, (5,))
+    # Within the Distiller's block, the log-softmax another term took of the same logits at
+    # T = 1 (Hinton, KL, DKD) is the one CE reads: one node for both in the graph.
+    with KF.shared_log_softmax():
+        first = KF.log_softmax(logits, 1.0)
+        ce = KF.cross_entropy(logits, target)
+    assert ce.grad_fn.next_functions[0][0] is first.grad_fn
+
+
+def test_a_tensor_weight_set_after_construction_trains_with_the_student() -> None:
+    torch.manual_seed(3)
+    student, teacher = torch.nn.Linear(6, 4), torch.nn.Linear(6, 4)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    distiller = Distiller(student, teacher, [Term(CrossEntropyLoss()), Term(KLDivLoss(2.0))])
+    weight = torch.nn.Parameter(torch.tensor(0.25))
+    distiller.terms["kl_div"].weight = weight  # e.g. a schedule or a learned weight
+    out = distiller(x, y)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, out.terms["cross_entropy"] + 0.25 * out.terms["kl_div"])
+    torch.testing.assert_close(weight.grad, out.terms["kl_div"])
+    distiller.terms["kl_div"].weight = 0.25  # a number: the one-kernel add, the same total
+    torch.testing.assert_close(distiller(x, y).loss, out.loss)

@@ -94,8 +94,8 @@ def assemble(
         losses=nn.ModuleDict(
             {n: t.loss for n, t in named.items() if isinstance(t.loss, nn.Module)}
         ),
-        adapters=build_adapters(bound, student, teachers, example_input),
         student_capture=StepCapture(student, student_paths, elide=student_elided),
+        adapters=build_adapters(bound, student, teachers, example_input),
         student_feature_paths=student_paths,
         vocab_map=check_vocab_map(vocab_map, bound),
         reads_teacher=any(b.reads_teacher for b in bound),

@@ -70,12 +70,13 @@ class Distiller(DistillationHooks, nn.Module):
         channels_last: put student and teachers in ``torch.channels_last`` memory format and
             convert 4-D inputs, the faster layout for convolutions on GPU.
         compile: ``torch.compile`` the student's and teachers' forwards (logit terms only:
-            per-step feature hooks would force recompiles).
+            per-step feature hooks would force recompiles); ``distiller.student`` stays plain.
         mask_keys: for a dict batch called without ``mask=``, the keys whose value is taken as
             the token mask, the first present (Hugging Face's ``attention_mask``, then BERT's
             original ``input_mask``); ``()`` turns the lookup off.
         teacher_inputs: for a dict batch, teacher keyword arguments taken from other batch
-            keys, ``{teacher argument: batch key}``, e.g. ``{"attention_mask": "input_mask"}``.
+            keys, ``{teacher argument: batch key}``, e.g. ``{"token_type_ids": "segment_ids",
+            "attention_mask": "input_mask"}`` for a batch in BERT's original names.
         teacher_drop_keys: keys of a dict batch the teacher is not given (default the labels:
             a Hugging Face teacher given ``labels`` would compute a loss nobody reads). With a
             fused-linear term (:mod:`kdkit.fused`) the student is not given them either.
@@ -279,10 +280,12 @@ class Distiller(DistillationHooks, nn.Module):
                 value = bound.value(step, ensemble, adapters)
                 values[bound.name] = value.detach()
                 w = bound.term.weight
-                if total is not None:  # one kernel per term: total + w * value
-                    total = torch.add(total, value, alpha=w)
-                else:
+                if total is None:
                     total = value if w == 1 else w * value
+                elif type(w) in (int, float):  # one kernel: total + w * value
+                    total = torch.add(total, value, alpha=w)
+                else:  # a tensor weight (a schedule, a learned weight) has its own gradient
+                    total = total + w * value
         if self.check_finite:
             self._check_finite(total, values)
         return DistillerOutput(total, values, student_output, logits, teacher.logits)

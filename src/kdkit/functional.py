@@ -564,9 +564,9 @@ def cross_entropy(
         check_reduction(reduction, "cross_entropy")
     soft_target = _is_soft_target(target, logits)
     if not soft_target and _all_labeled_on_cpu(target, mask, reduction, num_items_in_batch):
-        return F.cross_entropy(
-            _rows(_upcast(logits)), target if target.dim() == 1 else target.reshape(-1)
-        )
+        # F.cross_entropy's two kernels, with the log-softmax shared with other terms at T = 1
+        log_q = _rows(log_softmax(logits, 1.0))
+        return F.nll_loss(log_q, target if target.dim() == 1 else target.reshape(-1))
     keep = _keep(mask, logits)
     if not soft_target:
         keep = _both(target >= 0, keep)
@@ -582,7 +582,7 @@ def cross_entropy(
 def _all_labeled_on_cpu(
     target: Tensor, mask: Tensor | None, reduction: str, num_items_in_batch: Count
 ) -> bool:
-    """Whether a plain mean over CPU labels that are all >= 0: ``F.cross_entropy``'s one call.
+    """Whether a plain mean over CPU labels that are all >= 0: then ``F.nll_loss`` alone.
 
     On the CPU, reading the smallest label waits for nothing; on an accelerator it would stall
     the step, so there the general path (which needs no read) runs.
