@@ -57,6 +57,23 @@ def test_docstrings_from_another_lib_dir(tmp_path):
         load_docstrings(tmp_path, packages=("pkg", "missing"))
 
 
+def test_docstrings_of_functions_under_except_and_match_are_samples(tmp_path):
+    # e.g. locale.localeconv, defined in an ``except ImportError:`` fallback
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text(
+        "try:\n    from _fast import f\nexcept ImportError:\n"
+        '    def f():\n        """The fallback under except, documented."""\n'
+        "match 1:\n    case 1:\n"
+        '        def g():\n            """A function in a match case, documented."""\n'
+    )
+    got = load_docstrings(tmp_path, packages=("pkg",))
+    texts = sorted(d.text for s in ("train", "val", "test") for d in got.split(s))
+    assert texts == [
+        "A function in a match case, documented.",
+        "The fallback under except, documented.",
+    ]
+
+
 def test_word_tokenizer_is_built_once_and_cached(tmp_path, monkeypatch):
     from kdkit.data import word_tokenizer
 

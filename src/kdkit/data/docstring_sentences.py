@@ -28,18 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdkit.data.docstrings import documented_nodes
 from kdkit.data.stdlib_text import STDLIB_FILES, StdlibCorpus, load_stdlib_corpus
 
 __all__ = ["DocstringSentences", "docstring_paragraphs", "load_docstring_sentences"]
 
-_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _BLANK_LINE = re.compile(r"\n\s*\n")
 
 
 def docstring_paragraphs(source: str, min_words: int = 4) -> Iterator[str]:
     """The paragraphs of every docstring in the Python ``source``, in the order of the file."""
-    nodes = [node for node in ast.walk(ast.parse(source)) if isinstance(node, _DOCUMENTED)]
-    for node in sorted(nodes, key=lambda n: getattr(n, "lineno", 0)):  # the module has none
+    for node in documented_nodes(ast.parse(source)):
         docstring = ast.get_docstring(node, clean=True)
         for paragraph in _BLANK_LINE.split(docstring or ""):
             text = " ".join(paragraph.split())

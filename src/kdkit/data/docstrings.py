@@ -24,11 +24,18 @@ import ast
 import hashlib
 import platform
 import sysconfig
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MIN_CHARS", "PACKAGES", "Docstring", "DocstringSet", "load_docstrings", "split_of"]
+__all__ = [
+    "MIN_CHARS",
+    "PACKAGES",
+    "Docstring",
+    "DocstringSet",
+    "documented_nodes",
+    "load_docstrings",
+    "split_of",
+]
 
 PACKAGES: tuple[str, ...] = (
     "asyncio",
@@ -99,7 +106,7 @@ def _package_docstrings(directory: Path, root: Path) -> dict[str, str]:
         if {"test", "tests"} & set(relative.parts[1:-1]):
             continue
         source = file.read_bytes().replace(b"\r\n", b"\n").decode("utf-8")
-        for node in _documented(ast.parse(source, filename=str(relative))):
+        for node in documented_nodes(ast.parse(source, filename=str(relative))):
             text = ast.get_docstring(node)
             if text and len(text) >= MIN_CHARS:
                 where = f"{relative.as_posix()}:{getattr(node, 'name', '<module>')}"
@@ -107,16 +114,11 @@ def _package_docstrings(directory: Path, root: Path) -> dict[str, str]:
     return found
 
 
-def _documented(node: ast.AST) -> Iterator[ast.AST]:
-    """``node`` and the classes and functions defined in its body, at any depth (statements
-    only: a docstring is never inside an expression)."""
-    yield node
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, ast.stmt):
-            if isinstance(child, _DOCUMENTED):
-                yield from _documented(child)
-            else:
-                yield from (n for n in _documented(child) if n is not child)
+def documented_nodes(tree: ast.Module) -> list[ast.AST]:
+    """The module and every class and function of a parsed file, at any depth (also those
+    defined under ``if``, ``try`` / ``except`` or a ``match`` case), in the order of the file."""
+    nodes = [node for node in ast.walk(tree) if isinstance(node, _DOCUMENTED)]
+    return sorted(nodes, key=lambda node: getattr(node, "lineno", 0))  # the module has none
 
 
 def load_docstrings(
