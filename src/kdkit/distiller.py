@@ -214,8 +214,7 @@ class Distiller(DistillationHooks, nn.Module):
             inputs = to_channels_last(inputs)
         if mask is None and self.mask_keys and not isinstance(inputs, Tensor):
             mask = self.batch_mask(inputs)
-        # Teacher first, as a hand-written loop does: measured ~5% faster per step on CPU than
-        # running it after the student (benchmarks/overhead.py).
+        # Teacher first, as a hand-written loop does (benchmarks/overhead.py compares the two).
         teacher = self.teacher_outputs(
             inputs, teacher_output=teacher_output, index=index, epoch=epoch
         )
