@@ -106,6 +106,23 @@ def test_cross_entropy_beside_keeps_the_student_head_and_elides_the_teacher_head
     _assert_same(got, _step(plain, inputs, labels))
 
 
+def test_ce_weight_inside_the_fused_term_elides_both_heads():
+    student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
+    seen = {}
+    for side, model in (("student", student), ("teacher", teacher)):
+        model.lm_head.register_forward_hook(
+            lambda m, i, o, side=side: seen.__setitem__(side, tuple(o.shape))
+        )
+    inputs, labels = _batch()
+    fused_loss = L.FusedLinearJSDLoss(0.5, 2.0, -100, 4, ce_weight=0.5)
+    fused = Distiller(student, teacher, [Term(fused_loss)])
+    got = _step(fused, inputs, labels)
+    assert seen == {"student": (B, 0, V), "teacher": (B, 0, V)}  # no [B, L, V] logits at all
+    ce = Term(L.CrossEntropyLoss(), 0.5, teacher=None, target=True)
+    plain = Distiller(student, teacher, [Term(L.GeneralizedJSDLoss(0.5, 2.0, -100)), ce])
+    _assert_same(got, _step(plain, inputs, labels))
+
+
 def test_labels_in_the_dict_batch_are_not_given_to_the_student():
     student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
     distiller = Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(0.5, ignore_index=-100))])

@@ -135,3 +135,33 @@ def test_errors_name_the_problem():
         L.FusedLinearJSDLoss(chunk_size=None)
     with pytest.raises(ValueError, match=r"beta must be a number in \[0, 1\]"):
         L.FusedLinearJSDLoss(beta=2.0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, "auto"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ce_weight_adds_the_students_cross_entropy_on_the_kept_tokens(chunk_size, reduction):
+    x_s, w_s, x_t, w_t, labels = _inputs(seed=2)
+    mask = torch.ones(B, LEN, dtype=torch.bool)
+    mask[1, 3] = False
+    loss = L.FusedLinearJSDLoss(0.5, 2.0, -100, chunk_size, ce_weight=0.3, reduction=reduction)
+    got = _fused(loss, x_s, w_s, x_t, w_t, labels, mask=mask)
+
+    x_r, w_r = x_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+    logits = x_r @ w_r.T
+    jsd = L.GeneralizedJSDLoss(0.5, 2.0, -100, chunk_size=None, reduction=reduction)
+    ce = L.CrossEntropyLoss(reduction=reduction)
+    keep = mask & (labels != -100)
+    expected = jsd(logits, x_t @ w_t.T, target=labels, mask=mask) + 0.3 * ce(
+        logits, labels, mask=keep
+    )
+    _close(got, _grads(expected, x_r, w_r))
+
+
+def test_ce_weight_needs_labels_and_an_ignore_index():
+    x_s, w_s, x_t, w_t, _ = _inputs()
+    with pytest.raises(ValueError, match="ce_weight=0.5 trains on the labels.*ignore_index"):
+        L.FusedLinearJSDLoss(0.5, ignore_index=None, ce_weight=0.5)
+    with pytest.raises(ValueError, match="ce_weight=0.5\\) needs the labels"):
+        L.FusedLinearJSDLoss(0.5, ce_weight=0.5)(x_s, w_s, x_t, w_t)
+    with pytest.raises(ValueError, match="ce_weight must be a finite number >= 0"):
+        L.FusedLinearJSDLoss(0.5, ce_weight=-1.0)

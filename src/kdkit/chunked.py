@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from kdkit.functional import unshared_log_softmax
+from kdkit.functional import cross_entropy, unshared_log_softmax
 
 CHUNK_ELEMENTS = 2**21
 """Logit entries per chunk with ``chunk_size="auto"``: 8 MiB per float32 intermediate, so one
@@ -157,6 +157,8 @@ class _FusedLinearRows(torch.autograd.Function):
         function,
         chunk_size,
         denominator,
+        labels,
+        label_weight,
     ):
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_input = torch.zeros_like(student_input) if need_input else None
@@ -167,10 +169,15 @@ class _FusedLinearRows(torch.autograd.Function):
             hidden, part = student_input[rows], _part(keep, rows)
             student_logits = hidden @ student_weight.T
             teacher_logits = teacher_input[rows] @ teacher_weight.T
+            chunk_function = (
+                function
+                if labels is None
+                else _with_cross_entropy(function, labels[rows], label_weight)
+            )
             if not (need_input or need_weight):
-                total += function(student_logits, teacher_logits, part).sum()
+                total += chunk_function(student_logits, teacher_logits, part).sum()
                 continue
-            value, grad = _value_and_grad(function, student_logits, teacher_logits, part)
+            value, grad = _value_and_grad(chunk_function, student_logits, teacher_logits, part)
             total += value.sum()
             if grad_input is not None:
                 grad_input[rows] = grad @ student_weight
@@ -191,8 +198,19 @@ class _FusedLinearRows(torch.autograd.Function):
         return (
             None if grad_input is None else grad_input * grad_output.to(grad_input.dtype),
             None if grad_weight is None else grad_weight * grad_output.to(grad_weight.dtype),
-            *([None] * 6),
+            *([None] * 8),
         )
+
+
+def _with_cross_entropy(function: RowFunction, labels: Tensor, weight: float) -> RowFunction:
+    """``function`` plus ``weight`` times the student's cross-entropy on ``labels`` per row (0 at
+    the rows ``keep`` drops): one chunk's rows of a fused loss that also trains on the labels."""
+
+    def rows(student: Tensor, teacher: Tensor, keep: Tensor | None) -> Tensor:
+        hard = cross_entropy(student, labels, mask=keep, reduction="none", validate_args=False)
+        return function(student, teacher, keep) + weight * hard
+
+    return rows
 
 
 def fused_linear_rows(
@@ -204,9 +222,13 @@ def fused_linear_rows(
     keep: Tensor | None,
     chunk_size: ChunkSize,
     denominator: float | Tensor,
+    labels: Tensor | None = None,
+    label_weight: float = 0.0,
 ) -> Tensor:
     """``sum_n function(x_s W_s^T, x_t W_t^T)_n / denominator`` over hidden states ``[N, H]``,
-    with the logits computed ``chunk_size`` rows at a time and never kept.
+    with the logits computed ``chunk_size`` rows at a time and never kept; with ``labels``
+    (``[N]``, class ids at the kept rows) each row also adds ``label_weight`` times the student's
+    cross-entropy on its label.
 
     The gradients w.r.t. ``student_input`` and ``student_weight`` are computed in the chunk loop;
     the teacher side gets none (it is the frozen target). ``keep`` is a checked bool ``[N]``.
@@ -221,4 +243,6 @@ def fused_linear_rows(
             function,
             rows_per_chunk(chunk_size, student_weight.shape[0], FUSED_CHUNK_ELEMENTS),
             denominator,
+            labels,
+            label_weight,
         )

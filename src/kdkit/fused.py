@@ -30,9 +30,11 @@ transform of the logits after the head (Gemma's ``final_logit_softcapping``, a `
 the fused loss would not see it. No other term may read the teacher's logits, which are not
 computed. A term of the student alone on its logits (cross-entropy on the labels beside the fused
 distillation term, as LLM recipes do) keeps the student's head running: the student's logits then
-exist as they must for that term, the teacher's still never do. When the student's head is elided
-too and the batch is a dict, the student is not given the ``teacher_drop_keys`` (the labels)
-either: a Hugging Face model would compute its own loss on logits it no longer has.
+exist as they must for that term, the teacher's still never do. ``FusedLinearJSDLoss(ce_weight=)``
+computes that cross-entropy inside the fused term instead, and then neither head runs. When the
+student's head is elided too and the batch is a dict, the student is not given the
+``teacher_drop_keys`` (the labels) either: a Hugging Face model would compute its own loss on
+logits it no longer has.
 """
 
 from __future__ import annotations

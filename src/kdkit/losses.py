@@ -341,6 +341,12 @@ class FusedLinearJSDLoss(DistillationLoss):
     for the logits) equal to ``ignore_index``, and ``mask``, drop tokens; ``"mean"`` divides by
     the kept count or ``num_items_in_batch``.
 
+    ``ce_weight > 0`` adds the student's cross-entropy on the labels, computed from the same
+    chunks: ``loss = JSD + ce_weight * CE`` over the kept tokens (it needs ``ignore_index`` and
+    the labels). The usual LLM recipe, a distillation term beside the hard-label loss, then holds
+    no ``[N, V]`` logits of the student either; through the Distiller both lm_heads run on zero
+    tokens (:mod:`kdkit.fused`), where a separate cross-entropy term keeps the student's.
+
     The logits are computed ``chunk_size`` rows at a time and the gradients w.r.t.
     ``student_input`` and ``student_weight`` are taken in that same loop (Liger-Kernel's
     fused-linear scheme), so nothing is recomputed in the backward and the extra memory is one
@@ -365,9 +371,17 @@ class FusedLinearJSDLoss(DistillationLoss):
         ignore_index: int | None = -100,
         chunk_size: ChunkSize = "auto",
         *,
+        ce_weight: float = 0.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction)
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        if self.ce_weight and ignore_index is None:
+            raise ValueError(
+                f"FusedLinearJSDLoss: ce_weight={ce_weight} trains on the labels, which need "
+                "ignore_index to say which tokens have none; set ignore_index (e.g. -100, the "
+                "label of padding and prompt tokens) or ce_weight=0"
+            )
         if reduction == "none":
             raise ValueError(
                 "FusedLinearJSDLoss: reduction='none' is not available: the lm_head weight's "
@@ -398,6 +412,12 @@ class FusedLinearJSDLoss(DistillationLoss):
     ) -> Tensor:
         _check_lm_heads(student_input, student_weight, teacher_input, teacher_weight)
         tokens = student_input.shape[:-1]
+        if self.ce_weight and labels is None:
+            raise ValueError(
+                f"FusedLinearJSDLoss(ce_weight={self.ce_weight}) needs the labels: call "
+                "loss(student_input, student_weight, teacher_input, teacher_weight, labels), or "
+                "through the Distiller distiller(inputs, labels)"
+            )
         mask = _label_mask(self, self.ignore_index, mask, labels)
         keep = None if mask is None else check_mask(mask, tokens, student_input.device).reshape(-1)
         if self.reduction == "sum":
@@ -417,12 +437,15 @@ class FusedLinearJSDLoss(DistillationLoss):
             keep,
             self.chunk_size,
             denominator,
+            labels.reshape(-1) if self.ce_weight else None,
+            self.ce_weight,
         )
 
     def extra_repr(self) -> str:
         return (
             f"beta={self.beta}, temperature={self.temperature}, ignore_index={self.ignore_index}, "
-            f"chunk_size={self.chunk_size}, reduction={self.reduction!r}"
+            f"chunk_size={self.chunk_size}, ce_weight={self.ce_weight}, "
+            f"reduction={self.reduction!r}"
         )
 
 
