@@ -17,9 +17,11 @@ Full size: N = 2048 tokens, H = 512, V = 32000, float32, CPU, forward + backward
 * Hugging Face GPT-2s (random init; student 1 layer, teacher 2, both of width H, vocabulary V,
   B = 4 sequences of N / 4 tokens): the naive loop (both models' logits, the naive KL), the
   Distiller with ``KLDivLoss`` on the full logits, and the Distiller with a
-  ``FusedLinearJSDLoss(beta=0)`` term, whose models compute no logits (:mod:`kdkit.fused`).
-  Their extra peak includes the models' activations and the student's gradients, alike in all
-  three.
+  ``FusedLinearJSDLoss(beta=0)`` term, whose models compute no logits (:mod:`kdkit.fused`);
+  then the same with the student's cross-entropy on the labels (0.5 KL + 0.5 CE), as a separate
+  ``CrossEntropyLoss`` term (the student's head runs) and inside the fused term
+  (``ce_weight``: neither head runs). Their extra peak includes the models' activations and the
+  student's gradients, alike in all of them.
 
 Extra peak memory: each variant runs once in a fresh Python process, after a small warm-up at a
 tiny size; it reads the resident set size after allocating its inputs (``VmRSS``) and the peak
@@ -59,7 +61,13 @@ LOGIT_VARIANTS = (
     "jsd_unchunked",
 )
 HIDDEN_VARIANTS = ("naive_linear_kl", "linear_then_kl_chunked", "fused_kl", "fused_jsd")
-HF_VARIANTS = ("naive_hf_kl", "distiller_hf_kl", "distiller_hf_fused")
+HF_VARIANTS = (
+    "naive_hf_kl",
+    "distiller_hf_kl",
+    "distiller_hf_fused",
+    "distiller_hf_fused_and_ce",
+    "distiller_hf_fused_ce",
+)
 NAIVE_OF = (
     {name: "naive_kl" for name in LOGIT_VARIANTS}
     | {name: "naive_linear_kl" for name in HIDDEN_VARIANTS}
@@ -88,7 +96,7 @@ def _logit_losses() -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Te
 
 def _hf_step(name: str, n: int, h: int, v: int, seed: int) -> Callable[[], float]:
     """A step of variant ``name`` with Hugging Face GPT-2s (see the module docstring)."""
-    from kdkit import Distiller, Term
+    from kdkit import Distiller
     from kdkit.models import create_model
 
     batch, length = 4, max(n // 4, 1)
@@ -117,11 +125,11 @@ def _hf_step(name: str, n: int, h: int, v: int, seed: int) -> Callable[[], float
             return _naive(student(input_ids=ids).logits.flatten(0, 1), t.flatten(0, 1))
 
     else:
-        term = L.KLDivLoss() if name == "distiller_hf_kl" else L.FusedLinearJSDLoss(0.0, 1.0, None)
-        distiller = Distiller(student, teacher, [Term(term)])
+        distiller = Distiller(student, teacher, _hf_terms(name))
+        labels = torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], dim=1)  # shifted once
 
         def loss() -> torch.Tensor:
-            return distiller({"input_ids": ids}).loss
+            return distiller({"input_ids": ids}, labels).loss
 
     def hf_step() -> float:
         student.zero_grad(set_to_none=True)
@@ -130,6 +138,22 @@ def _hf_step(name: str, n: int, h: int, v: int, seed: int) -> Callable[[], float
         return value.item()
 
     return hf_step
+
+
+def _hf_terms(name: str) -> list[Any]:
+    """The Distiller terms of an HF variant; the ``_ce`` ones also train on the labels, with a
+    cross-entropy term beside the fused one (the student's head runs) or inside it
+    (``ce_weight``: neither head runs)."""
+    from kdkit import Term
+
+    if name == "distiller_hf_kl":
+        return [Term(L.KLDivLoss())]
+    if name == "distiller_hf_fused":
+        return [Term(L.FusedLinearJSDLoss(0.0, 1.0, None))]
+    if name == "distiller_hf_fused_and_ce":
+        ce = Term(L.CrossEntropyLoss(), 0.5, teacher=None, target=True)
+        return [Term(L.FusedLinearJSDLoss(0.0, 1.0, -100), 0.5), ce]
+    return [Term(L.FusedLinearJSDLoss(0.0, 1.0, -100, ce_weight=1.0), 0.5)]
 
 
 def make_step(name: str, n: int, h: int, v: int, seed: int = 0) -> Callable[[], float]:
@@ -279,6 +303,10 @@ DESCRIPTIONS = {
     "naive_hf_kl": "HF GPT-2s: naive loop on both models' logits",
     "distiller_hf_kl": "HF GPT-2s: Distiller + `KLDivLoss()` on the logits",
     "distiller_hf_fused": "HF GPT-2s: Distiller + `FusedLinearJSDLoss(beta=0)` term (no logits)",
+    "distiller_hf_fused_and_ce": "HF GPT-2s: the fused term + a `CrossEntropyLoss` term on the "
+    "labels (the student's head runs)",
+    "distiller_hf_fused_ce": "HF GPT-2s: `FusedLinearJSDLoss(beta=0, ce_weight=1)` (the same "
+    "loss, neither head runs)",
 }
 
 

@@ -25,6 +25,10 @@ def test_variants_compute_the_divergences_they_claim():
     assert value["fused_jsd"] > 0
     for name in ("distiller_hf_kl", "distiller_hf_fused"):
         assert value[name] == pytest.approx(value["naive_hf_kl"], rel=1e-5)
+    # 0.5 KL + 0.5 CE, the cross-entropy beside the fused term or inside it
+    both = value["distiller_hf_fused_and_ce"]
+    assert value["distiller_hf_fused_ce"] == pytest.approx(both, rel=1e-5)
+    assert both != pytest.approx(0.5 * value["naive_hf_kl"], rel=1e-3)  # the CE is in it
 
 
 def test_memory_is_measured_in_a_fresh_process_and_the_report_renders():
