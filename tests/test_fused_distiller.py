@@ -90,7 +90,8 @@ def test_models_compute_no_logits_in_a_fused_step():
         )
 
 
-def test_cross_entropy_beside_keeps_the_student_head_and_elides_the_teacher_head():
+@pytest.mark.parametrize("inside", [False, True])
+def test_cross_entropy_beside_keeps_the_student_head_and_inside_elides_it(inside):
     student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
     seen = {}
     for side, model in (("student", student), ("teacher", teacher)):
@@ -99,26 +100,13 @@ def test_cross_entropy_beside_keeps_the_student_head_and_elides_the_teacher_head
         )
     ce = Term(L.CrossEntropyLoss(), 0.5, teacher=None, target=True)
     inputs, labels = _batch()
-    fused = Distiller(student, teacher, [Term(L.FusedLinearJSDLoss(0.5, 2.0, -100, 4)), ce])
-    got = _step(fused, inputs, labels)
-    assert seen == {"student": (B, LEN, V), "teacher": (B, 0, V)}
-    plain = Distiller(student, teacher, [Term(L.GeneralizedJSDLoss(0.5, 2.0, -100)), ce])
-    _assert_same(got, _step(plain, inputs, labels))
-
-
-def test_ce_weight_inside_the_fused_term_elides_both_heads():
-    student, teacher = _gpt2(0, 16, 1), _gpt2(1, 24, 1)
-    seen = {}
-    for side, model in (("student", student), ("teacher", teacher)):
-        model.lm_head.register_forward_hook(
-            lambda m, i, o, side=side: seen.__setitem__(side, tuple(o.shape))
-        )
-    inputs, labels = _batch()
-    fused_loss = L.FusedLinearJSDLoss(0.5, 2.0, -100, 4, ce_weight=0.5)
-    fused = Distiller(student, teacher, [Term(fused_loss)])
-    got = _step(fused, inputs, labels)
-    assert seen == {"student": (B, 0, V), "teacher": (B, 0, V)}  # no [B, L, V] logits at all
-    ce = Term(L.CrossEntropyLoss(), 0.5, teacher=None, target=True)
+    if inside:  # ce_weight: the student's cross-entropy from the fused term's chunks
+        terms = [Term(L.FusedLinearJSDLoss(0.5, 2.0, -100, 4, ce_weight=0.5))]
+    else:
+        terms = [Term(L.FusedLinearJSDLoss(0.5, 2.0, -100, 4)), ce]
+    got = _step(Distiller(student, teacher, terms), inputs, labels)
+    student_logits = (B, 0, V) if inside else (B, LEN, V)
+    assert seen == {"student": student_logits, "teacher": (B, 0, V)}
     plain = Distiller(student, teacher, [Term(L.GeneralizedJSDLoss(0.5, 2.0, -100)), ce])
     _assert_same(got, _step(plain, inputs, labels))
 
