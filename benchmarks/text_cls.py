@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from common import seed_runs_parser
-from digits_pipeline import ROLES, fmt, run_seed
+from digits_pipeline import ROLES, fmt, run_seed, verdict_lines
 from omegaconf import OmegaConf
 
 from kdkit.atomic import atomic_write_text
@@ -105,14 +105,7 @@ def main() -> None:
         f"{fmt([m['distilled']['agreement'] for *_, m in rows])} | "
         f"{statistics.mean(w for _, _, w, _ in rows):.0f} |"
     )
-    wins = sum(a["distilled"] > a["scratch"] for _, a, _, _ in rows)
-    lines += [
-        "",
-        "Distilled beats scratch on average by "
-        f"{100 * (means['distilled'] - means['scratch']):+.2f}"
-        f" points and on {wins} of {len(rows)} seeds.",
-        "",
-    ]
+    lines += verdict_lines([a for _, a, _, _ in rows], means)
     atomic_write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
     if means["distilled"] <= means["scratch"]:
