@@ -54,8 +54,6 @@ def to_device(inputs: Any, device: torch.device | str) -> Any:
 
 def call_model(model: nn.Module | Any, inputs: Any) -> Any:
     """``model(x)``, ``model(*x)`` for a tuple/list, ``model(**x)`` for a mapping."""
-    if isinstance(inputs, Tensor):  # first: the common case, and no ABC check
-        return model(inputs)
     if isinstance(inputs, Mapping):
         return model(**inputs)
     if isinstance(inputs, tuple | list):

@@ -212,7 +212,7 @@ class Distiller(DistillationHooks, nn.Module):
         """
         if self.channels_last:
             inputs = to_channels_last(inputs)
-        if mask is None and self.mask_keys and not isinstance(inputs, Tensor):
+        if mask is None:
             mask = self.batch_mask(inputs)
         # Teacher first, as a hand-written loop does (benchmarks/overhead.py compares the two).
         teacher = self.teacher_outputs(

@@ -336,13 +336,12 @@ def kl_div(
         temperature = check_temperature(temperature)
         check_reduction(reduction, "kl_div")
     check_logits(student_logits, teacher_logits)
-    keep = None if mask is None else _keep(mask, student_logits)
-    if plain_mean(student_logits, keep, reduction, num_items_in_batch):
-        if not teacher_logits.requires_grad:
-            scale = temperature**2
-            return _kl_mean_to_probs(student_logits, teacher_logits, temperature, scale)
+    keep = _keep(mask, student_logits)
+    plain = plain_mean(student_logits, keep, reduction, num_items_in_batch)
+    if plain and not teacher_logits.requires_grad:
+        return _kl_mean_to_probs(student_logits, teacher_logits, temperature, temperature**2)
     log_p_s, log_p_t = _soft_log_probs(student_logits, teacher_logits, temperature, keep)
-    if plain_mean(student_logits, keep, reduction, num_items_in_batch):
+    if plain:
         return _kl_mean(log_p_t, log_p_s, temperature**2)
     rows = temperature**2 * _kl_rows(log_p_t, log_p_s)
     return reduce(rows, keep, reduction, num_items_in_batch)
@@ -587,8 +586,8 @@ def _all_labeled_on_cpu(
     On the CPU, reading the smallest label waits for nothing; on an accelerator it would stall
     the step, so there the general path (which needs no read) runs.
     """
-    plain = reduction == "mean" and mask is None and num_items_in_batch is None
-    return plain and target.is_cpu and target.numel() > 0 and int(target.min()) >= 0
+    plain = plain_mean(target, mask, reduction, num_items_in_batch)
+    return plain and target.is_cpu and int(target.min()) >= 0
 
 
 def mse_logits(

@@ -176,8 +176,7 @@ class _TokenLogitLoss(DistillationLoss):
         mask: Tensor | None = None,
         num_items_in_batch: Count = None,
     ) -> Tensor:
-        if target is not None:
-            mask = self._mask(mask, target)
+        mask = self._mask(mask, target)
         if self.chunk_size is not None and student.dim() == 3 and not teacher.requires_grad:
             check_logits(student, teacher)
             keep = None if mask is None else check_mask(mask, student.shape[:-1], student.device)

@@ -157,7 +157,7 @@ class StepInputs(NamedTuple):
         if teacher.mask is not None:
             mask = teacher.mask if mask is None else teacher.mask & mask.bool()
         shared = logits
-        if len(teacher_logits) == 1 and isinstance(teacher_logits[0], TopKTokens):
+        if any(isinstance(t, TopKTokens) for t in teacher_logits):
             shared = _sparse_shared(logits, teacher_logits, vocab_map)
         elif vocab_map is not None:
             pairs = [vocab_map(logits, t) for t in teacher_logits]
