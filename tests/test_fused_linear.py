@@ -86,21 +86,18 @@ def test_no_labels_averages_over_every_token_and_eval_gives_the_same_value():
         torch.testing.assert_close(loss(x_s, w_s, x_t, w_t), got[0])
 
 
-def test_nan_hidden_states_at_ignored_tokens_reach_no_gradient():
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_nan_hidden_states_at_ignored_tokens_reach_no_gradient(ce_weight):
     x_s, w_s, x_t, w_t, labels = _inputs(seed=4)
     x_s[0, 0] = float("nan")
     x_t[0, 1] = float("inf")
-    value, grad_x, grad_w = _fused(L.FusedLinearJSDLoss(chunk_size=4), x_s, w_s, x_t, w_t, labels)
+    loss = L.FusedLinearJSDLoss(chunk_size=4, ce_weight=ce_weight)
+    value, grad_x, grad_w = _fused(loss, x_s, w_s, x_t, w_t, labels)
     assert torch.isfinite(value)
     assert bool(torch.isfinite(grad_x).all()) and bool(torch.isfinite(grad_w).all())
     assert bool((grad_x[0, :2] == 0).all())
     clean = _inputs(seed=4)
-    _close((value, grad_x[1:], grad_w), _drop_first(_fused_clean(clean)))
-
-
-def _fused_clean(inputs):
-    x_s, w_s, x_t, w_t, labels = inputs
-    return _fused(L.FusedLinearJSDLoss(chunk_size=4), x_s, w_s, x_t, w_t, labels)
+    _close((value, grad_x[1:], grad_w), _drop_first(_fused(loss, *clean)))
 
 
 def _drop_first(result):
@@ -137,10 +134,11 @@ def test_errors_name_the_problem():
         L.FusedLinearJSDLoss(beta=2.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk_size", [1, 4, "auto"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_ce_weight_adds_the_students_cross_entropy_on_the_kept_tokens(chunk_size, reduction):
-    x_s, w_s, x_t, w_t, labels = _inputs(seed=2)
+def test_ce_weight_adds_the_students_cross_entropy_on_the_kept_tokens(chunk_size, reduction, dtype):
+    x_s, w_s, x_t, w_t, labels = _inputs(dtype, seed=2)
     mask = torch.ones(B, LEN, dtype=torch.bool)
     mask[1, 3] = False
     loss = L.FusedLinearJSDLoss(0.5, 2.0, -100, chunk_size, ce_weight=0.3, reduction=reduction)
@@ -154,7 +152,7 @@ def test_ce_weight_adds_the_students_cross_entropy_on_the_kept_tokens(chunk_size
     expected = jsd(logits, x_t @ w_t.T, target=labels, mask=mask) + 0.3 * ce(
         logits, labels, mask=keep
     )
-    _close(got, _grads(expected, x_r, w_r))
+    _close(got, _grads(expected, x_r, w_r), dtype)
 
 
 def test_ce_weight_needs_labels_and_an_ignore_index():
