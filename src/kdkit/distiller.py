@@ -9,8 +9,7 @@ in :mod:`kdkit.teachers`.
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -22,14 +21,14 @@ from kdkit.capture import Selector, select_tensor
 from kdkit.finite import FiniteCheck
 from kdkit.functional import shared_log_softmax
 from kdkit.hooks import DistillationHooks, check_loss_weights
-from kdkit.teachers import TeacherOutputs, to_channels_last
+from kdkit.teachers import TeacherAccess, TeacherOutputs, to_channels_last
 from kdkit.term import LOGITS, DistillerOutput, StepInputs, Term
 from kdkit.vocab import VocabMap
 
 __all__ = ["LOGITS", "MASK_KEYS", "Distiller", "DistillerOutput", "Term"]
 
 
-class Distiller(DistillationHooks, nn.Module):
+class Distiller(DistillationHooks, TeacherAccess, nn.Module):
     """Student + frozen teacher(s) + weighted loss terms.
 
     ``distiller(inputs, target)`` runs every teacher in eval mode under ``torch.no_grad()`` (or
@@ -62,9 +61,8 @@ class Distiller(DistillationHooks, nn.Module):
             attribute name, or a callable.
         teacher_logits_selector: the same for the teachers, when it differs.
         example_input: one input batch, used once to probe feature shapes for adapters.
-        check_finite: raise when a term is NaN/Inf, naming it: every step on the CPU; on an
-            accelerator the flags are read every ``check_finite_every`` steps (no host sync).
-        check_finite_every: steps between reads of the flags on an accelerator.
+        check_finite, check_finite_every: raise when a term is NaN/Inf, naming it: every step
+            on the CPU, every ``check_finite_every`` steps on an accelerator (no host sync).
         autocast_dtype: run the teachers under ``torch.autocast`` with this dtype (e.g.
             ``torch.bfloat16``); the soft losses upcast logits to float32 before the softmax.
         channels_last: put student and teachers in ``torch.channels_last`` memory format and
@@ -174,8 +172,7 @@ class Distiller(DistillationHooks, nn.Module):
         "teacher": {"feature_layers": [...]}}`` (addresses, see :class:`Term`; lists of unequal
         length are paired by :func:`kdkit.capture.pair_layers`).
         """
-        # Imported here so that `import kdkit` does not import Hydra (no circle: kdkit.config
-        # imports only kdkit.term from the core).
+        # Imported here so that `import kdkit` does not import Hydra (kdkit.config: no circle).
         from kdkit.config import load_distill_config, terms_from_config
 
         terms = terms_from_config(load_distill_config(config, context))
@@ -306,33 +303,3 @@ class Distiller(DistillationHooks, nn.Module):
     def check_finite_every(self) -> int:
         """Steps between reads of the NaN/Inf flags on an accelerator."""
         return self._check_finite.every
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        """The (first) teacher module, or None when outputs come from a cache or the batch."""
-        teachers = self.teacher_side.modules
-        return teachers[0] if teachers else None
-
-    @property
-    def teachers(self) -> list[nn.Module]:
-        return list(self.teacher_side.modules)
-
-    def compute_teacher_logits(self, inputs: Any) -> Tensor:
-        """The teachers' logits for ``inputs`` (eval mode, no grad), several ensembled at T=1."""
-        outputs = self.teacher_side.outputs(inputs, epoch=self.epoch, capture=False)
-        return self.teacher_side.ensemble(outputs.logits, 1.0)
-
-    def teacher_logits(self, inputs: Any) -> Tensor:
-        """Deprecated name of :meth:`compute_teacher_logits`."""
-        warnings.warn(
-            "Distiller.teacher_logits() is deprecated; use compute_teacher_logits().",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return self.compute_teacher_logits(inputs)
-
-    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Distiller:
-        # The teachers are deliberately unregistered; they still follow .to() / .cuda() / .half().
-        for t in self.teacher_side.modules:
-            t._apply(fn, recurse)
-        return super()._apply(fn, recurse)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
@@ -268,6 +269,46 @@ class Teachers:
             return (w * stacked).sum(0)
         log_p = torch.log_softmax(stacked / temperature, dim=-1)
         return temperature * torch.logsumexp(w.log() + log_p, dim=0)
+
+
+class TeacherAccess:
+    """The teacher side seen from an ``nn.Module`` that holds a :class:`Teachers` as
+    ``teacher_side`` (and an ``epoch``) without registering the teachers as submodules, mixed
+    into :class:`kdkit.Distiller`: the teacher modules, their logits for a batch, and ``.to()`` /
+    ``.cuda()`` / ``.half()`` moving them with the module."""
+
+    teacher_side: Teachers
+    epoch: int
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The (first) teacher module, or None when outputs come from a cache or the batch."""
+        teachers = self.teacher_side.modules
+        return teachers[0] if teachers else None
+
+    @property
+    def teachers(self) -> list[nn.Module]:
+        return list(self.teacher_side.modules)
+
+    def compute_teacher_logits(self, inputs: Any) -> Tensor:
+        """The teachers' logits for ``inputs`` (eval mode, no grad), several ensembled at T=1."""
+        outputs = self.teacher_side.outputs(inputs, epoch=self.epoch, capture=False)
+        return self.teacher_side.ensemble(outputs.logits, 1.0)
+
+    def teacher_logits(self, inputs: Any) -> Tensor:
+        """Deprecated name of :meth:`compute_teacher_logits`."""
+        warnings.warn(
+            "Distiller.teacher_logits() is deprecated; use compute_teacher_logits().",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.compute_teacher_logits(inputs)
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        # The teachers are deliberately unregistered; they still follow .to() / .cuda() / .half().
+        for t in self.teacher_side.modules:
+            t._apply(fn, recurse)
+        return super()._apply(fn, recurse)  # type: ignore[misc]  (nn.Module's, next in the MRO)
 
 
 def source_of(
