@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import itertools
 import json
 import math
 import os
@@ -98,6 +99,16 @@ def fix_allocator(default: bool = False) -> str:
     if mallopt(m_mmap_threshold, 1 << 30) != 1 or mallopt(m_trim_threshold, 1 << 30) != 1:
         return ALLOCATOR_DEFAULT + "; mallopt refused the fixed thresholds"
     return "glibc malloc, trim and mmap thresholds fixed at 1 GiB (mallopt): freed memory is reused"
+
+
+def cycling(step: Callable[[Any], object], batches: Sequence[Any]) -> Callable[[], None]:
+    """A call without arguments that runs ``step`` on the next of ``batches`` (round robin)."""
+    batch = itertools.cycle(batches)
+
+    def go() -> None:
+        step(next(batch))
+
+    return go
 
 
 def interleaved(

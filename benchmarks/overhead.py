@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_allocator_arg,
     add_mode_args,
+    cycling,
     distiller_speed_options,
     fix_allocator,
     floor_ratio,
@@ -230,20 +231,12 @@ def setup_features(mode: str, seed: int = 0) -> dict[str, Any]:
 def measure(env: dict[str, Any], repeats: int, goal: float) -> dict[str, Any]:
     """Interleaved kdkit / hand steps (one step per repetition) and their ratio."""
     batches = env["batches"]
-
-    def many(step):
-        count = [0]
-
-        def go() -> None:
-            step(batches[count[0] % len(batches)])
-            count[0] += 1
-
-        return go
-
     # One step per repetition, alternating kdkit / hand: adjacent steps see the same machine
     # load, so the median of the per-pair ratios stays stable on a shared, busy machine.
     times = interleaved(
-        {"hand": many(env["hand_step"]), "kdkit": many(env["kd_step"])}, repeats, warmup=3
+        {"hand": cycling(env["hand_step"], batches), "kdkit": cycling(env["kd_step"], batches)},
+        repeats,
+        warmup=3,
     )
     ratio = paired_ratio(times["kdkit"], times["hand"])
     return {

@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     add_allocator_arg,
     add_mode_args,
     current_rss_mib,
+    cycling,
     fix_allocator,
     floor_ratio,
     fmt_ms,
@@ -83,8 +84,6 @@ def _config(mode: str) -> dict[str, Any]:
         "size": pick(mode, 8, 16, 16),
         "teacher_width": pick(mode, 8, 32, 32),
         "student_width": pick(mode, 4, 16, 16),
-        # one step per repetition, frameworks alternating step by step (same machine load)
-        "steps": 1,
         "repeats": pick(mode, 4, 100, 1500),
         "phase_repeats": pick(mode, 4, 100, 1000),
         "memory_steps": pick(mode, 3, 20, 40),
@@ -205,22 +204,14 @@ def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
     # Same initial weights and batch: the first losses must agree (the same KD on both sides).
     x, y = batches[0]
     first = {fw: float(step(x, y)) for fw, step in steps.items()}
-
-    def many(step: Any) -> Any:
-        count = [0]
-
-        def go() -> None:
-            for _ in range(cfg["steps"]):
-                step(*batches[count[0] % len(batches)])
-                count[0] += 1
-
-        return go
-
-    times = interleaved({fw: many(s) for fw, s in steps.items()}, cfg["repeats"], warmup=3)
+    times = interleaved(
+        {fw: cycling(lambda b, s=s: s(*b), batches) for fw, s in steps.items()},
+        cfg["repeats"],
+        warmup=3,
+    )
     phases = phase_times(teacher, student, batches, cfg["phase_repeats"])
     ops = {fw: ops_per_step(step, batches) for fw, step in steps.items()}
     calls = {fw: python_calls_per_step(step, batches) for fw, step in steps.items()}
-    per_step = {k: [t / cfg["steps"] for t in v] for k, v in times.items()}
     import torch
     import torchdistill
 
@@ -234,13 +225,11 @@ def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
         "phase_median_s": phases,
         "ops_per_step": ops,
         "python_calls_per_step": calls,
-        "step_s": {k: summary(v) for k, v in per_step.items()},
-        "ratio_kdkit_over_torchdistill": paired_ratio(per_step["kdkit"], per_step["torchdistill"]),
-        "floor_ratio_kdkit_over_torchdistill": floor_ratio(
-            per_step["kdkit"], per_step["torchdistill"]
-        ),
+        "step_s": {k: summary(v) for k, v in times.items()},
+        "ratio_kdkit_over_torchdistill": paired_ratio(times["kdkit"], times["torchdistill"]),
+        "floor_ratio_kdkit_over_torchdistill": floor_ratio(times["kdkit"], times["torchdistill"]),
         "ratio_unchecked_over_torchdistill": paired_ratio(
-            per_step["kdkit_unchecked"], per_step["torchdistill"]
+            times["kdkit_unchecked"], times["torchdistill"]
         ),
     }
 
