@@ -22,15 +22,17 @@ frameworks run in the same interpreter with the same torch:
 
 The same KD on both sides: ``0.5 * CE(y, z_s) + 0.5 * T^2 * KL(p_t || p_s)``, T = 4, batchmean:
 torchdistill's ``DistillationBox`` with a ``WeightedSumLoss`` holding its ``KDLoss(alpha=0.5)``
-on the models' outputs (``forward_process`` + ``post_forward_process``: backward, SGD step);
-kdkit's ``Distiller(student, teacher, [Term(CrossEntropyLoss(), 0.5), Term(KLDivLoss(4), 0.5)])``.
+on the models' outputs (``forward_process`` + ``post_forward_process``: backward, SGD step,
+``zero_grad()``); kdkit's ``Distiller(student, teacher, [Term(CrossEntropyLoss(), 0.5),
+Term(KLDivLoss(4), 0.5)])`` in the same loop (backward, step, then ``zero_grad``: called between
+forward and backward instead, it alone cost kdkit's step ~50 us here).
 torchdistill's box does not put the teacher in eval mode itself; the worker does (once), as
 kdkit does on every forward. A third variant, kdkit with ``check_finite=False``, runs in the
 same rotation: what kdkit's one default guarantee that torchdistill lacks (the loss read for
 NaN/Inf every CPU step) costs.
 
     python benchmarks/vs_torchdistill.py [--quick | --smoke] [--td-python PATH]
-                                         [--default-allocator] [--json out.json]
+                                         [--default-allocator] [--batch N] [--json out.json]
 """
 
 from __future__ import annotations
@@ -78,9 +80,9 @@ INSTALL_HINT = (
 
 
 # ---------------------------------------------------------------------------- worker side
-def _config(mode: str) -> dict[str, Any]:
+def _config(mode: str, batch: int | None = None) -> dict[str, Any]:
     return {
-        "batch": pick(mode, 16, 64, 64),
+        "batch": batch or pick(mode, 16, 64, 64),
         "size": pick(mode, 8, 16, 16),
         "teacher_width": pick(mode, 8, 32, 32),
         "student_width": pick(mode, 4, 16, 16),
@@ -121,10 +123,11 @@ def _kdkit_step(teacher: Any, student: Any, check_finite: bool = True) -> Any:
     opt = torch.optim.SGD(distiller.parameters(), lr=0.01, momentum=0.9)
 
     def step(x: Any, y: Any) -> float:
+        # the loop of torchdistill's post_forward_process: backward, step, then zero_grad
         out = distiller(x, y)
-        opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)
         return out.loss.detach()
 
     step.phases = {  # type: ignore[attr-defined]  (see phase_times)
@@ -196,9 +199,11 @@ def _make(framework: str, teacher: Any, student: Any) -> Any:
     return _kdkit_step(teacher, student, check_finite=framework == "kdkit")
 
 
-def worker_time(mode: str, keep_freed_memory: bool = True) -> dict[str, Any]:
+def worker_time(
+    mode: str, keep_freed_memory: bool = True, batch: int | None = None
+) -> dict[str, Any]:
     allocator = fix_allocator(default=not keep_freed_memory)
-    cfg = _config(mode)
+    cfg = _config(mode, batch)
     teacher, student, batches = _models(cfg)
     steps = {fw: _make(fw, teacher, student) for fw in VARIANTS}
     # Same initial weights and batch: the first losses must agree (the same KD on both sides).
@@ -310,8 +315,8 @@ def python_calls_per_step(step: Any, batches: list[Any], steps: int = 20) -> flo
     return pstats.Stats(profiler).total_calls / steps
 
 
-def worker_memory(mode: str, framework: str) -> dict[str, Any]:
-    cfg = _config(mode)
+def worker_memory(mode: str, framework: str, batch: int | None = None) -> dict[str, Any]:
+    cfg = _config(mode, batch)
     if framework == "torchdistill":
         import torchdistill  # noqa: F401  (its import is part of its footprint)
     teacher, student, batches = _models(cfg)
@@ -376,6 +381,7 @@ def run(
     threads: int | None = None,
     td_python: str | None = None,
     keep_freed_memory: bool = True,
+    batch: int | None = None,
 ) -> dict[str, Any]:
     threads = set_threads(threads)
     python, how = find_td_python(td_python)
@@ -384,10 +390,11 @@ def run(
         result.update(measured=False, reason=how)
         print(how, file=sys.stderr)
         return result
+    options = ["--mode", mode] + ([] if batch is None else ["--batch", str(batch)])
     allocator = [] if keep_freed_memory else ["--default-allocator"]
-    timing = _run_worker(python, ["--worker", "time", "--mode", mode, *allocator], threads)
+    timing = _run_worker(python, ["--worker", "time", *options, *allocator], threads)
     memory = {
-        fw: _run_worker(python, ["--worker", "memory", "--framework", fw, "--mode", mode], threads)
+        fw: _run_worker(python, ["--worker", "memory", "--framework", fw, *options], threads)
         for fw in ("kdkit", "torchdistill")
     }
     result.update(
@@ -467,17 +474,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--worker", choices=["time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--framework", choices=["kdkit", "torchdistill"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["smoke", "quick", "full"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--batch", type=int, default=None, help="batch size (default 64; 16 with --smoke)"
+    )
     args = add_allocator_arg(parser).parse_args(argv)
     if args.worker:
         set_threads(args.threads)
         out = (
-            worker_time(args.mode, not args.default_allocator)
+            worker_time(args.mode, not args.default_allocator, args.batch)
             if args.worker == "time"
-            else worker_memory(args.mode, args.framework)
+            else worker_memory(args.mode, args.framework, args.batch)
         )
         print(json.dumps(out))
         return None
-    result = run(mode_of(args), args.threads, args.td_python, not args.default_allocator)
+    result = run(
+        mode_of(args), args.threads, args.td_python, not args.default_allocator, args.batch
+    )
     write_json(result, args.json)
     print(report(result), file=sys.stderr)
     return result
