@@ -71,6 +71,25 @@ def test_teacher_stays_frozen_bit_identical(digits, teacher):
     assert type(distiller.student) is type(student)
 
 
+def test_dtype_and_device_moves_reach_the_unregistered_teachers(digits, teacher):
+    teachers = [copy.deepcopy(teacher), copy.deepcopy(teacher)]
+    distiller = Distiller(mlp(16, depth=1), teachers, [Term(KLDivLoss(4.0))]).double()
+    for t in [*teachers, distiller.student]:
+        assert {p.dtype for p in t.parameters()} == {torch.float64}
+    assert distiller.teacher is teachers[0] and distiller.teachers == teachers
+    assert {k.split(".")[0] for k in distiller.state_dict()} == {"student"}
+    x = digits["x_train"][:8].double()
+    logits = distiller.compute_teacher_logits(x)
+    assert logits.dtype == torch.float64
+    expected = (
+        torch.log_softmax(teachers[0](x), -1).exp() / 2
+        + torch.log_softmax(teachers[1](x), -1).exp() / 2
+    )  # two equal teachers ensembled at T=1: the mean of their probabilities
+    torch.testing.assert_close(logits.softmax(-1), expected)
+    assert distiller.half() is distiller
+    assert {p.dtype for p in teachers[1].parameters()} == {torch.float16}
+
+
 def test_terms_are_logged_detached_and_weighted(digits, teacher):
     x, y = digits["x_train"][:32], digits["y_train"][:32]
     student = mlp(16, depth=1).eval()

@@ -261,8 +261,9 @@ class Teachers:
         if len(logits) == 1:
             return logits[0]
         n = len(logits)
-        # float32: bf16 teacher logits (autocast) would lose the small probabilities here.
-        stacked = torch.stack([t.float() for t in logits])
+        # at least float32: bf16 teacher logits (autocast) would lose the small probabilities
+        stacked = torch.stack(logits)
+        stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
         w = self.weights if self.weights is not None else torch.full((n,), 1 / n)
         w = w.to(stacked.device).view(n, *([1] * (stacked.dim() - 1)))
         if temperature is None:
