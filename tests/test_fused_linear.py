@@ -68,6 +68,23 @@ def test_bfloat16(beta, chunk_size):
     _close(got, _reference(beta, 1.0, x_s, w_s, x_t, w_t, target=labels), torch.bfloat16)
 
 
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_float64_keeps_float64(ce_weight):
+    """Value and gradients in float64, as the unfused loss on float64 logits gives them (the
+    chunk loop accumulates in at least float32, never below the inputs' precision)."""
+    x_s, w_s, x_t, w_t, labels = _inputs(torch.float64, seed=3)
+    loss = L.FusedLinearJSDLoss(0.5, 2.0, -100, 4, ce_weight=ce_weight)
+    got = _fused(loss, x_s, w_s, x_t, w_t, labels)
+    x_r, w_r = x_s.clone().requires_grad_(True), w_s.clone().requires_grad_(True)
+    jsd = L.GeneralizedJSDLoss(0.5, 2.0, -100, chunk_size=None)
+    expected = jsd(x_r @ w_r.T, x_t @ w_t.T, target=labels)
+    if ce_weight:
+        expected = expected + ce_weight * L.CrossEntropyLoss()(x_r @ w_r.T, labels)
+    for a, b in zip(got, _grads(expected, x_r, w_r), strict=True):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_flat_rows_sum_and_num_items_in_batch():
     x_s, w_s, x_t, w_t, labels = _inputs(seed=2)
     flat = [x_s.reshape(-1, H_S), w_s, x_t.reshape(-1, H_T), w_t]

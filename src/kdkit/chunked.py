@@ -162,9 +162,11 @@ class _FusedLinearRows(torch.autograd.Function):
     ):
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_input = torch.zeros_like(student_input) if need_input else None
-        # Accumulated over the chunks in float32, so half-precision weights lose nothing to it.
-        grad_weight = torch.zeros_like(student_weight, dtype=torch.float32) if need_weight else None
-        total = torch.zeros((), dtype=torch.float32, device=student_input.device)
+        # Accumulated over the chunks in float32 (float64 for float64 weights), so half-precision
+        # weights lose nothing to it.
+        acc = _values_dtype(student_weight)
+        grad_weight = torch.zeros_like(student_weight, dtype=acc) if need_weight else None
+        total = torch.zeros((), dtype=acc, device=student_input.device)
         for rows in _chunks(student_input.shape[0], chunk_size):
             hidden, part = student_input[rows], _part(keep, rows)
             student_logits = hidden @ student_weight.T
@@ -184,7 +186,7 @@ class _FusedLinearRows(torch.autograd.Function):
             if grad_weight is not None:
                 if part is not None:  # NaN hidden states at dropped rows: 0 * NaN is NaN
                     hidden = hidden.masked_fill(~part.unsqueeze(-1), 0.0)
-                grad_weight.addmm_(grad.T.float(), hidden.float())
+                grad_weight.addmm_(grad.T.to(acc), hidden.to(acc))
         if grad_input is not None:
             grad_input.div_(denominator)
         if grad_weight is not None:
