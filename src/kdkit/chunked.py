@@ -22,6 +22,7 @@ the per-row gradient instead of before).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -72,9 +73,10 @@ def _chunks(rows: int, chunk_size: int) -> list[slice]:
     return [slice(start, start + chunk_size) for start in range(0, rows, chunk_size)]
 
 
-def _values_dtype(logits: Tensor) -> torch.dtype:
-    """The dtype of the per-row values: float32 for half-precision logits (kdkit upcasts)."""
-    return torch.promote_types(logits.dtype, torch.float32)
+def _values_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype of the per-row values of these inputs: their common dtype, at least float32
+    (kdkit upcasts half-precision logits)."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
 
 
 def _part(keep: Tensor | None, rows: slice) -> Tensor | None:
@@ -94,7 +96,8 @@ class _ChunkedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, keep, function, chunk_size):  # type: ignore[override]
         grad = torch.empty_like(student)
-        values = torch.empty(student.shape[0], dtype=_values_dtype(student), device=student.device)
+        dtype = _values_dtype(student, teacher)
+        values = torch.empty(student.shape[0], dtype=dtype, device=student.device)
         for rows in _chunks(student.shape[0], chunk_size):
             values[rows], grad[rows] = _value_and_grad(
                 function, student[rows], teacher[rows], _part(keep, rows)
@@ -162,9 +165,9 @@ class _FusedLinearRows(torch.autograd.Function):
     ):
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_input = torch.zeros_like(student_input) if need_input else None
-        # Accumulated over the chunks in float32 (float64 for float64 weights), so half-precision
-        # weights lose nothing to it.
-        acc = _values_dtype(student_weight)
+        # Accumulated over the chunks in at least float32, so half-precision weights lose nothing
+        # to it, and in float64 when any input is.
+        acc = _values_dtype(student_input, student_weight, teacher_input, teacher_weight)
         grad_weight = torch.zeros_like(student_weight, dtype=acc) if need_weight else None
         total = torch.zeros((), dtype=acc, device=student_input.device)
         for rows in _chunks(student_input.shape[0], chunk_size):

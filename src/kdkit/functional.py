@@ -1355,13 +1355,13 @@ def topk_at_temperature(
     """
     if temperature == 1.0:
         return values, log_tail
-    values = values.float() / temperature
+    values = _upcast(values) / temperature
     k = values.shape[-1]
     if k == vocab_size:
         norm = values.logsumexp(dim=-1, keepdim=True)
         return values - norm, torch.full_like(values[..., 0], float("-inf"))
     spread = math.log(vocab_size - k)
-    log_rest = spread + (log_tail.float() - spread) / temperature
+    log_rest = spread + (_upcast(log_tail) - spread) / temperature
     norm = torch.cat([values, log_rest.unsqueeze(-1)], dim=-1).logsumexp(dim=-1)
     return values - norm.unsqueeze(-1), log_rest - norm
 
@@ -1428,9 +1428,9 @@ def sparse_kl_div(
     values, indices, log_tail = _check_topk_target(student_logits, teacher_topk)
     keep = _keep(mask, student_logits)
     vocab, k = student_logits.shape[-1], values.shape[-1]
-    kept_log_tail = _drop(log_tail.float().unsqueeze(-1), keep)[..., 0]
+    kept_log_tail = _drop(_upcast(log_tail).unsqueeze(-1), keep)[..., 0]
     log_p, log_m_t = topk_at_temperature(
-        _drop(values.float(), keep), kept_log_tail, vocab, temperature
+        _drop(_upcast(values), keep), kept_log_tail, vocab, temperature
     )
     index = _drop(indices, keep).long()
     log_q = log_softmax(_drop(student_logits, keep), temperature)
@@ -1466,10 +1466,8 @@ def unshared_log_softmax() -> Iterator[None]:
 def _log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
     """``log(weight * p + (1 - weight) * q)`` for ``0 < weight < 1``, from log-probabilities."""
     # Floored like _kl_rows: logsumexp of two -inf (a class masked in both) has NaN gradients.
-    floor = torch.finfo(log_p.dtype).min
-    mixed = torch.stack(
-        [log_p.clamp(min=floor) + math.log(weight), log_q.clamp(min=floor) + math.log1p(-weight)]
-    )
+    # Each side at its own dtype's minimum (a float32 side cannot hold float64's); stack promotes.
+    mixed = torch.stack([_floor(log_p) + math.log(weight), _floor(log_q) + math.log1p(-weight)])
     return torch.logsumexp(mixed, dim=0)
 
 

@@ -265,7 +265,7 @@ class Teachers:
         stacked = torch.stack(logits)
         stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
         w = self.weights if self.weights is not None else torch.full((n,), 1 / n)
-        w = w.to(stacked.device).view(n, *([1] * (stacked.dim() - 1)))
+        w = w.to(stacked).view(n, *([1] * (stacked.dim() - 1)))  # the logits' device and dtype
         if temperature is None:
             return (w * stacked).sum(0)
         log_p = torch.log_softmax(stacked / temperature, dim=-1)

@@ -255,7 +255,8 @@ class VocabMap:
         if side not in ("student", "teacher"):
             raise ValueError(f"side must be 'student' or 'teacher', got {side!r}.")
         kept = self._take(logits, 0 if side == "student" else 1)
-        return (kept.float().logsumexp(-1) - logits.float().logsumexp(-1)).exp()
+        dtype = torch.promote_types(logits.dtype, torch.float32)  # half precision upcast
+        return (kept.to(dtype).logsumexp(-1) - logits.to(dtype).logsumexp(-1)).exp()
 
     def _take(self, logits: Tensor, side: int) -> Tensor:
         if self._prefix:
