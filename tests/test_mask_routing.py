@@ -143,3 +143,19 @@ def test_from_config_without_context_names_the_context():
         example_input=_batch()[0],
     )
     assert distiller.terms["hidden"].student == ["layer"]
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["states", "token_logits"])
+def test_a_mask_that_fits_no_token_tensor_is_refused_not_dropped(tokens):
+    torch.manual_seed(0)
+    student, teacher = Tagger(tokens), Tagger(tokens)
+    ids, mask = _batch()
+    terms = {"kd": Term(KLDivLoss(2.0))} if tokens else _mse_terms()
+    distiller = Distiller(student, teacher, terms)
+    for wrong in (mask[:, :5], mask.T):
+        with pytest.raises(ValueError, match=r"mask has shape .* Term\(\.\.\., mask=False\)"):
+            distiller(ids, mask=wrong)
+    opted_out = {name: Term(t.loss, t.weight, student=t.student, teacher=t.teacher, mask=False)
+                 for name, t in terms.items()}  # fmt: skip
+    plain = Distiller(student, teacher, opted_out)
+    torch.testing.assert_close(plain(ids, mask=mask[:, :5]).loss, plain(ids).loss)

@@ -579,14 +579,23 @@ def _head_inputs(name: str, term: Term) -> list[tuple[str, str]]:
 def _fits(mask: Tensor, student: Any) -> bool:
     """Whether a ``[B, L]`` token mask applies to the student tensor a term reads (the first of
     a list): its leading dims are ``[B, L]``, or it is an attention map ``[B, H, L, L]``.
-    Sequence-level tensors (``[B, C]`` logits, ``[B, D]`` pooled states) get no mask."""
+    Sequence-level tensors (``[B, C]`` logits, ``[B, D]`` pooled states) get no mask. A token-level
+    tensor of the mask's batch that the mask does not fit is refused: dropping the mask would
+    silently count the padding."""
     x = student[0] if isinstance(student, list | tuple) and student else student
     shape = getattr(x, "shape", None)
     if shape is None or len(shape) <= mask.dim():
         return False
     if tuple(shape[: mask.dim()]) == tuple(mask.shape):
         return True
-    return len(shape) == 4 and mask.dim() == 2 and (shape[0], shape[-1]) == tuple(mask.shape)
+    if len(shape) == 4 and mask.dim() == 2 and (shape[0], shape[-1]) == tuple(mask.shape):
+        return True
+    raise ValueError(
+        f"the token mask has shape {tuple(mask.shape)}, which fits neither the student tensor "
+        f"{tuple(shape)} ([B, L, ...] or an attention map [B, H, L, L]) nor a sequence-level "
+        "one; pass the mask of this batch's tokens ([B, L], e.g. its attention_mask), or "
+        "Term(..., mask=False) for a term that should not be masked."
+    )
 
 
 def _refuse_spatial_attention(name: str, term: Term) -> None:
