@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdkit import Distiller, Term
 from kdkit import losses as L
 
 
@@ -594,3 +595,22 @@ def test_mse_logits_refuses_a_class_masked_in_one_model_only():
     t[1, 3] = float("-inf")
     with pytest.raises(ValueError, match=r"-inf in the teacher logits only.*same classes"):
         L.MSELogitsLoss()(s, t)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda s, t, y: L.CrossEntropyLoss()(s, y),
+        lambda s, t, y: L.HintonLoss()(s, t, y),
+        lambda s, t, y: L.CrossEntropyLoss()(s.view(2, 2, 10), y.view(2, 2)),  # token logits
+        lambda s, t, y: Distiller(
+            nn.Identity(), None, [Term(L.CrossEntropyLoss(), teacher=None, target=True)]
+        )(s, y),
+    ],
+    ids=["cross_entropy", "hinton", "token_cross_entropy", "distiller"],
+)
+def test_a_label_past_the_last_class_names_the_class_count(call):
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    y = torch.tensor([1, -1, 10, 3])
+    with pytest.raises(ValueError, match=r"class index 10 but the logits have 10 classes"):
+        call(s, t, y)

@@ -486,8 +486,24 @@ def _hard_cross_entropy(
     log_q = _rows(log_softmax(logits, 1.0))
     safe = torch.where(keep, target, _IGNORE_INDEX)
     safe = safe if safe.dim() == 1 else safe.reshape(-1)
-    nll = F.nll_loss(log_q, safe, ignore_index=_IGNORE_INDEX, reduction=reduction)
+    nll = _nll_loss(log_q, safe, ignore_index=_IGNORE_INDEX, reduction=reduction)
     return nll if reduction == "sum" or target.dim() == 1 else nll.view(target.shape)
+
+
+def _nll_loss(
+    log_q: Tensor, target: Tensor, ignore_index: int = _IGNORE_INDEX, reduction: str = "mean"
+) -> Tensor:
+    """``F.nll_loss``, with a class index out of range named in a ValueError (on the CPU torch
+    raises a bare IndexError; on an accelerator it is a device-side assert)."""
+    try:
+        return F.nll_loss(log_q, target, ignore_index=ignore_index, reduction=reduction)
+    except IndexError as e:
+        classes = log_q.shape[-1]
+        raise ValueError(
+            f"target holds class index {int(target.max())} but the logits have {classes} "
+            f"classes (valid: 0..{classes - 1}; negative labels mark unlabeled samples and "
+            "padding); check the labels and the model's number of classes."
+        ) from e
 
 
 def hinton_loss(
@@ -565,7 +581,7 @@ def cross_entropy(
     if not soft_target and _all_labeled_on_cpu(target, mask, reduction, num_items_in_batch):
         # F.cross_entropy's two kernels, with the log-softmax shared with other terms at T = 1
         log_q = _rows(log_softmax(logits, 1.0))
-        return F.nll_loss(log_q, target if target.dim() == 1 else target.reshape(-1))
+        return _nll_loss(log_q, target if target.dim() == 1 else target.reshape(-1))
     keep = _keep(mask, logits)
     if not soft_target:
         keep = _both(target >= 0, keep)
