@@ -374,6 +374,16 @@ def test_num_items_in_batch_accumulates_to_the_full_batch(case):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", PER_SAMPLE, ids=lambda c: c.name)
+def test_num_items_in_batch_that_is_no_count_is_refused(case):
+    args, kwargs, _ = case.inputs()
+    for count in (0, -3, 2.5, float("nan"), True):
+        with pytest.raises(ValueError, match=r"num_items_in_batch must be a whole number >= 1"):
+            case.make()(*args, **kwargs, num_items_in_batch=count)
+    with pytest.raises(ValueError, match=r"one-element tensor, got a tensor of shape \(2,\)"):
+        case.make()(*args, **kwargs, num_items_in_batch=torch.tensor([4, 4]))
+
+
 @pytest.mark.parametrize("make, inputs", BATCH_RELATIONAL)
 def test_batch_relational_losses_refuse_per_sample_reductions(make, inputs):
     name = type(make()).__name__

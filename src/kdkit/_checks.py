@@ -124,6 +124,25 @@ def check_hard_target(target: Tensor, logits: Tensor) -> None:
         )
 
 
+def check_num_items(count: int | Tensor) -> int | Tensor:
+    """Return ``num_items_in_batch`` or raise: a whole number >= 1 (a count of kept tokens or
+    samples), or a one-element tensor (its value is not read: that would stall an accelerator)."""
+    if isinstance(count, Tensor):
+        if count.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch must be a number or a one-element tensor, got a tensor of "
+                f"shape {tuple(count.shape)}; pass the count of kept tokens of the whole batch."
+            )
+        return count
+    if not _is_number(count) or not math.isfinite(count) or count != int(count) or count < 1:
+        raise ValueError(
+            f"num_items_in_batch must be a whole number >= 1, got {count!r}: it is the count of "
+            "kept tokens (or samples) of the whole batch, across gradient-accumulation steps, "
+            "that the mean divides by; leave it None to divide by this call's kept count."
+        )
+    return count
+
+
 def check_skew_alpha(alpha: float) -> float:
     """Return the skew KL's ``alpha`` as a float, or raise: it must lie in [0, 1)."""
     if not _is_number(alpha) or not 0.0 <= alpha < 1.0:

@@ -24,6 +24,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from kdkit._checks import check_num_items
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -76,7 +78,7 @@ def reduce_sum(
     if reduction == "sum":
         return total
     if num_items_in_batch is not None:
-        return total / num_items_in_batch
+        return total / check_num_items(num_items_in_batch)
     if keep is None:
         return total / max(numel, 1)
     return total / keep.sum().clamp(min=1)

@@ -31,6 +31,7 @@ from kdkit._checks import (
     check_jsd_beta,
     check_logits,
     check_mask,
+    check_num_items,
     check_skew_alpha,
     check_temperature,
     check_weight,
@@ -422,7 +423,7 @@ class FusedLinearJSDLoss(DistillationLoss):
         if self.reduction == "sum":
             denominator: float | Tensor = 1.0
         elif num_items_in_batch is not None:
-            denominator = num_items_in_batch
+            denominator = check_num_items(num_items_in_batch)
         elif keep is not None:
             denominator = keep.sum().clamp(min=1)
         else:
