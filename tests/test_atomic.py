@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from kdkit import atomic
 from kdkit.atomic import (
     atomic_dir,
     atomic_path,
@@ -91,3 +93,46 @@ def test_atomic_dir_replaces_a_whole_directory_or_nothing(tmp_path: Path) -> Non
     assert sorted(p.name for p in target.iterdir()) == ["config.json"]  # old files gone
     assert (target / "config.json").read_text() == "v2"
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or old directory left
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two_renames"])
+def test_replace_dir_swaps_a_directory_in_and_leaves_nothing_beside_it(
+    tmp_path, monkeypatch, exchange
+):
+    if not exchange:
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target, new = tmp_path / "cache", tmp_path / ".cache.new"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    new.mkdir()
+    (new / "meta.json").write_text("new")
+    atomic.replace_dir(new, target)
+    assert _tree(target) == {"meta.json": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+def test_replace_dir_puts_the_old_directory_back_when_the_new_one_cannot_go_in(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    target, new = tmp_path / "hf", tmp_path / ".hf.new"
+    target.mkdir()
+    (target / "config.json").write_text("v1")
+    new.mkdir()
+    (new / "config.json").write_text("v2")
+    real_replace = os.replace
+
+    def interrupted(src, dst):
+        if Path(src) == new:
+            raise KeyboardInterrupt  # e.g. Ctrl-C between moving the old one aside and the rename
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.replace_dir(new, target)
+    assert _tree(target) == {"config.json": "v1"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hf.new", "hf"]  # no .old left

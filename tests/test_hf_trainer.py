@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,24 @@ def test_num_items_in_batch_is_passed_through(tmp_path, monkeypatch):
 def test_a_model_argument_is_refused(tmp_path):
     with pytest.raises(TypeError, match="Distiller in place of model="):
         DistillationTrainer(_trainer(tmp_path).distiller, model=torch.nn.Linear(2, 2))
+
+
+def test_an_interrupted_save_leaves_the_saved_model_whole(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path / "run")
+    final = tmp_path / "final"
+    trainer.save_model(str(final))
+    before = (final / "model.safetensors").read_bytes()
+    student = trainer.distiller.student
+    real_save = student.save_pretrained
+
+    def crash_midway(directory, **kwargs):
+        real_save(directory, **kwargs)
+        Path(directory, "model.safetensors").write_bytes(b"half")  # a write cut short
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(student, "save_pretrained", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model(str(final))
+    assert (final / "model.safetensors").read_bytes() == before
+    transformers.BertForSequenceClassification.from_pretrained(final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "run"]  # no temporary left

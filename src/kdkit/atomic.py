@@ -2,12 +2,14 @@
 
 Each write goes to a temporary file in the destination's directory, is flushed and fsynced, and
 then ``os.replace``-d over the destination; on failure the temporary file is removed and the
-destination is left as it was.
+destination is left as it was. Directories (a ``save_pretrained`` folder, a teacher cache) are
+built beside the destination and swapped in by :func:`replace_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import uuid
@@ -15,7 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_dir", "atomic_path", "atomic_write", "atomic_write_bytes", "atomic_write_text"]
+__all__ = [
+    "atomic_dir",
+    "atomic_files",
+    "atomic_path",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "replace_dir",
+]
 
 
 @contextlib.contextmanager
@@ -24,7 +34,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
     Whatever the body writes to the yielded path becomes ``path`` only when the body finishes
     without raising; otherwise the temporary file is removed and ``path`` is left untouched (a
-    reader never sees a half-written file). The parent directory is created if missing.
+    reader never sees a half-written file). The file is fsynced before the rename, so a crash
+    cannot leave an empty ``path`` either. The parent directory is created if missing.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +47,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             raise FileNotFoundError(
                 f"atomic write of {final}: nothing was written to the temporary file {tmp}."
             )
+        _fsync(tmp)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
@@ -48,12 +60,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     ``f`` is flushed and fsynced before the rename, e.g.
     ``atomic_write(path, lambda f: torch.save(obj, f))``.
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # which fsyncs before the rename
         with open(tmp, "xb") as f:
             write(f)
-            f.flush()
-            # Data on disk before the rename, so a crash cannot leave an empty final file.
-            os.fsync(f.fileno())
     return Path(path)
 
 
@@ -69,30 +78,94 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a new empty directory beside ``path``; on success it replaces ``path`` whole.
+    """Yield a new empty directory beside ``path``; on success it replaces ``path`` whole
+    (:func:`replace_dir`).
 
-    For what writes several files at once (``save_pretrained``): the files the body writes are
-    fsynced, then the directory is renamed to ``path`` (an existing ``path`` is moved aside first
-    and removed after, as a directory cannot be renamed over a non-empty one). On failure the
-    temporary directory is removed and ``path`` is left as it was.
+    For what writes several files at once (``save_pretrained``). On failure the temporary
+    directory is removed and ``path`` is left as it was.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = final.with_name(f".{final.name}.{tag}.tmp")
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
         yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        old = final.with_name(f".{final.name}.{tag}.old")
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+@contextlib.contextmanager
+def atomic_files(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a new empty directory beside ``directory``; on success every file written into it
+    is fsynced and moved into ``directory`` by one rename each (same relative path).
+
+    For a ``save_pretrained`` into a folder that also holds other files (a trainer's output
+    directory with its checkpoints), which :func:`atomic_dir` would replace whole: no file is
+    ever half-written, though a crash midway may leave some files new and some old. On failure
+    nothing in ``directory`` changes.
+    """
+    final = Path(directory)
+    final.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        files = [f for f in tmp.rglob("*") if f.is_file()]
+        for file in files:
+            _fsync(file)
+        for file in files:
+            target = final / file.relative_to(tmp)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    """Make the finished directory ``src`` (a sibling of ``dst``) the directory ``dst``.
+
+    Its files are fsynced first. A reader of ``dst`` sees the old directory or the new one: on
+    Linux the two are swapped in one rename (``renameat2(RENAME_EXCHANGE)``) and the old one is
+    removed after. Elsewhere (or on a filesystem without the exchange) the old directory is moved
+    aside, ``src`` renamed in and the old one removed, and if that rename fails the old one is put
+    back; only a crash between those two renames leaves ``dst`` missing (the old directory then
+    lies beside it as ``.<name>.<tag>.old``).
+    """
+    src, dst = Path(src), Path(dst)
+    for file in src.rglob("*"):
+        if file.is_file():
+            _fsync(file)
+    if not dst.exists():
+        os.replace(src, dst)
+    elif _exchange(src, dst):
+        shutil.rmtree(src)  # src now holds the old directory
+    else:
+        old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
+        os.replace(dst, old)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)
+            raise
+        shutil.rmtree(old)
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic rename (Linux ``renameat2``); False where the C
+    library or the filesystem does not offer it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    paths = os.fsencode(a), os.fsencode(b)
+    return renameat2(_AT_FDCWD, paths[0], _AT_FDCWD, paths[1], _RENAME_EXCHANGE) == 0

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdkit.atomic import atomic_write
+from kdkit.atomic import atomic_files, atomic_write
 from kdkit.distiller import Distiller
 
 try:
@@ -121,20 +121,16 @@ class DistillationTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        os.makedirs(output_dir, exist_ok=True)
         student = self.distiller.student
-        if isinstance(student, PreTrainedModel):
-            student.save_pretrained(output_dir)
-        else:
-            state = student.state_dict()
-            atomic_write(
-                os.path.join(output_dir, "pytorch_model.bin"), lambda f: torch.save(state, f)
-            )
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        atomic_write(
-            os.path.join(output_dir, TRAINING_ARGS_NAME), lambda f: torch.save(self.args, f)
-        )
+        # Written beside output_dir, then each file renamed in: none is ever half-written.
+        with atomic_files(output_dir) as tmp:
+            if isinstance(student, PreTrainedModel):
+                student.save_pretrained(tmp)
+            else:
+                torch.save(student.state_dict(), tmp / "pytorch_model.bin")
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(tmp)
+            torch.save(self.args, tmp / TRAINING_ARGS_NAME)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student (see the class docstring); a checkpoint also saves the Distiller's

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdkit.atomic import atomic_write_text
+from kdkit.atomic import atomic_write_text, replace_dir
 from kdkit.batch import call_model, to_device
 from kdkit.cache.checks import _WRAP_HINT, _check_indexed, _check_replayable
 from kdkit.cache.fingerprint import (
@@ -98,19 +97,6 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename the finished directory ``src`` to ``dst``, replacing any directory already there."""
-    # A directory cannot be os.replace'd over a non-empty one: move the old one aside first.
-    old_dir = dst.parent / f".{dst.name}.old"
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-    if dst.exists():
-        os.replace(dst, old_dir)
-    os.replace(src, dst)
-    if old_dir.exists():
-        shutil.rmtree(old_dir)
-
-
 def _load_meta(
     path: Path, who: str, required: Sequence[str], format_version: int, hint: str
 ) -> dict:
@@ -170,7 +156,7 @@ def _finish_build(tmp: Path, path: Path, meta: dict) -> None:
         info["sha256"] = _sha256_file(file)
     _write_json_atomic(tmp / _META, meta)
     (tmp / PARTIAL_META).unlink(missing_ok=True)
-    _replace_dir(tmp, path)
+    replace_dir(tmp, path)
 
 
 class _MappedCache:

@@ -10,8 +10,6 @@ teacher (the Distiller does not register it).
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
-from kdkit.atomic import atomic_write
+from kdkit.atomic import atomic_dir, atomic_write
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -215,22 +213,11 @@ def save_hf_model(
 ) -> Path:
     """``model.save_pretrained`` and ``tokenizer.save_pretrained`` (when given) into
     ``directory``, which appears whole or not at all: both are written into a temporary folder
-    beside it, which is then renamed to ``directory`` (an older ``directory`` is moved aside
-    first and removed after). ``AutoModel*.from_pretrained(directory)`` and
-    ``AutoTokenizer.from_pretrained(directory)`` read it back."""
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    tmp = final.with_name(f".{final.name}.{tag}.tmp")
-    old = final.with_name(f".{final.name}.{tag}.old")
-    try:
+    beside it, which then replaces ``directory`` (:func:`kdkit.atomic.replace_dir`).
+    ``AutoModel*.from_pretrained(directory)`` and ``AutoTokenizer.from_pretrained(directory)``
+    read it back."""
+    with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return Path(directory)
