@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from kdkit.atomic import atomic_write_text
+
 MODES = ("smoke", "quick", "full")
 
 
@@ -237,11 +239,7 @@ def write_json(result: Mapping[str, Any], path: Path | None) -> None:
     text = json.dumps(result, indent=2, sort_keys=True, default=str)
     print(text)
     if path is not None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, text + "\n")
 
 
 def distiller_speed_options() -> set[str]:

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from kdkit.atomic import atomic_write_text
+
 FEATURE_METHODS = ("fitnet", "at", "mse_hidden", "cosine")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "src" / "kdkit" / "configs"
 # distill keys that are not loss settings (or are the same for every method)
@@ -91,7 +93,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     lines += ["", f"(wall time {time.perf_counter() - start:.0f} s)"]
     text = "# Every method on digits\n\n`python benchmarks/digits_methods.py`\n\n"
-    Path(args.out).write_text(text + "\n".join(lines) + "\n")
+    atomic_write_text(args.out, text + "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -26,6 +26,8 @@ sys.path.insert(0, str(HERE))
 
 from common import distiller_speed_options, machine_info  # noqa: E402
 
+from kdkit.atomic import atomic_write_text  # noqa: E402
+
 BENCHMARKS = {
     "overhead": "1. Distiller step overhead vs a hand-written loop (logit step, feature step)",
     "cache_speed": "2. Cached teacher vs online teacher vs student only (epoch time)",
@@ -163,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, meta)
     if args.out.is_file():
         text += other_sections(args.out.read_text())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, text)
     print(text)
     return 1 if any("error" in r for r in results.values()) else 0
 
