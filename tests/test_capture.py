@@ -433,6 +433,15 @@ def test_map_layers_errors():
         map_layers("s{i}", "t{i}", 2, 4, "random")
     with pytest.raises(ValueError, match=r"teacher_pattern must contain '\{i\}'"):
         map_layers("s{i}", "t", 2, 4)
+    with pytest.raises(ValueError, match=r"student_pattern .* no other braces, got 's\{i\}.\{j\}'"):
+        map_layers("s{i}.{j}", "t{i}", 2, 4)
+
+
+def test_pair_layers_refuses_a_string_for_a_list():
+    from kdkit.capture import pair_layers
+
+    with pytest.raises(TypeError, match=r"student_paths is the string 'layer1'.*\['layer1'\]"):
+        pair_layers("layer1", ["t1", "t2"])
 
 
 def test_pair_layers_keeps_the_deepest_and_can_exclude_ends():

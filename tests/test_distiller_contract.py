@@ -267,3 +267,10 @@ def test_hooks_api_passes_num_items_in_batch(models, x):
         distiller.on_after_compute_loss(x, out, out.sum() * 0, num_items_in_batch=7)
     assert loss.calls[-1] == (2, {"num_items_in_batch": 7})
     distiller.close()
+
+
+@pytest.mark.parametrize("loss", ["kl", None])
+def test_a_loss_that_is_not_callable_is_refused_when_the_distiller_is_built(models, loss):
+    student, teacher = models
+    with pytest.raises(TypeError, match=r"term 'kd' has loss .* not callable.*KLDivLoss"):
+        Distiller(student, teacher, {"kd": Term(loss)})

@@ -153,6 +153,11 @@ def test_bad_recipe_settings_are_refused_with_the_fix() -> None:
     cfg.distill.terms.ce = {"_target_": "kdkit.Term", "loss": {"_target_": "kdkit.losses.MSELoss"}}
     with pytest.raises(ValueError, match=r"distill.terms\s+must be empty, got \['ce'\]"):
         build_recipe(cfg, student, teacher)
+    for bad in (None, -1):
+        with pytest.raises(ValueError, match=r"pad_token_id must be a token id .*eos_token_id"):
+            OnPolicyGKD(student, teacher, max_new_tokens=4, pad_token_id=bad)
+        with pytest.raises(ValueError, match=rf"SequenceKD: pad_token_id .* got {bad}"):
+            SequenceKD(teacher, max_new_tokens=4, pad_token_id=bad)
     gkd = OnPolicyGKD(student, teacher, max_new_tokens=4, pad_token_id=0)
     with pytest.raises(ValueError, match="pass distiller=recipe.distiller"):
         other = Distiller(student, teacher, [Term(GeneralizedJSDLoss(0.5, 1.0, -100))])

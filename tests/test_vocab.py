@@ -253,3 +253,16 @@ def test_vocabulary_reading_and_normalisation() -> None:
         VocabMap.from_tokenizers({"a": 0}, {"b": 0})
     with pytest.raises(ValueError, match="both are given"):
         check_vocab(logits(1, 2), logits(1, 2), student_tokenizer={"a": 0})
+
+
+def test_a_map_with_ids_outside_its_vocabulary_is_refused_when_built() -> None:
+    with pytest.raises(
+        ValueError, match=r"teacher_index holds ids 0..12, but the teacher vocabulary has 10"
+    ):
+        VocabMap(
+            torch.arange(3), torch.tensor([0, 5, 12]), student_vocab_size=8, teacher_vocab_size=10
+        )
+    with pytest.raises(ValueError, match=r"student_index holds ids -1..1"):
+        VocabMap(
+            torch.tensor([-1, 0, 1]), torch.arange(3), student_vocab_size=8, teacher_vocab_size=10
+        )

@@ -708,10 +708,10 @@ def map_layers(
         ("student_pattern", student_pattern),
         ("teacher_pattern", teacher_pattern),
     ):
-        if "{i}" not in pattern:
+        if "{i}" not in pattern or {"{", "}"} & set(pattern.replace("{i}", "")):
             raise ValueError(
-                f"{name} must contain '{{i}}' for the layer index, got {pattern!r} "
-                f"(e.g. 'encoder.layer.{{i}}')"
+                f"{name} must contain '{{i}}' for the layer index and no other braces, got "
+                f"{pattern!r} (e.g. 'encoder.layer.{{i}}')"
             )
     uniform = list(enumerate(_uniform_indices(big_n, n)))
     if strategy == "uniform":
@@ -757,6 +757,12 @@ def pair_layers(
     (the first is the embedding / stem output, the last feeds the logits, which other terms
     already match).
     """
+    for name, paths in (("student_paths", student_paths), ("teacher_paths", teacher_paths)):
+        if isinstance(paths, str):
+            raise TypeError(
+                f"pair_layers: {name} is the string {paths!r}; pass a list of layer paths, "
+                f"e.g. [{paths!r}]."
+            )
     student, teacher = list(student_paths), list(teacher_paths)
     if exclude_first_and_last:
         for name, paths in (("student", student), ("teacher", teacher)):

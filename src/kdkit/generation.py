@@ -169,6 +169,7 @@ class SequenceKD:
         **generate_kwargs: Any,
     ) -> None:
         _check_positive("SequenceKD", "max_new_tokens", max_new_tokens)
+        _check_pad_token_id("SequenceKD", pad_token_id)
         self.teacher = teacher
         self.options = {
             "max_new_tokens": max_new_tokens,
@@ -227,6 +228,7 @@ class OnPolicyGKD:
                 f"a number in [0, 1]; got {lmbda!r}."
             )
         _check_positive("OnPolicyGKD", "max_new_tokens", max_new_tokens)
+        _check_pad_token_id("OnPolicyGKD", pad_token_id)
         loss_type = FusedLinearJSDLoss if fused else GeneralizedJSDLoss
         self.term = Term(loss_type(beta, temperature, IGNORE_INDEX), name="gkd")
         self.distiller = Distiller(student, teacher, [self.term])
@@ -276,6 +278,15 @@ class OnPolicyGKD:
 def _check_positive(who: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{who}: {name} must be a positive int, got {value!r}.")
+
+
+def _check_pad_token_id(who: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"{who}: pad_token_id must be a token id (an int >= 0), got {value!r}; pass "
+            "tokenizer.pad_token_id, or tokenizer.eos_token_id for a tokenizer without a pad "
+            "token (GPT-2's)."
+        )
 
 
 def _token_set(ids: int | Iterable[int] | None) -> set[int]:

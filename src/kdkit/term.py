@@ -386,7 +386,13 @@ def bind_terms(terms: dict[str, Term]) -> list[BoundTerm]:
 
 
 def _check_term(name: str, term: Term) -> None:
-    """The checks that need no model: weight, adapter kind, what the two sides read."""
+    """The checks that need no model: the loss, weight, adapter kind, what the two sides read."""
+    if not callable(term.loss):
+        raise TypeError(
+            f"term {name!r} has loss {term.loss!r} ({type(term.loss).__name__}), which is not "
+            "callable; pass a loss object, e.g. Term(kdkit.losses.KLDivLoss(temperature=4.0)) "
+            "(a YAML config names it as _target_: kdkit.losses.KLDivLoss)."
+        )
     w = term.weight
     if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
         raise ValueError(

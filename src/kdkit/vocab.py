@@ -161,6 +161,17 @@ class VocabMap:
                 f"student_index has {self.student_index.numel()} entries but teacher_index "
                 f"{self.teacher_index.numel()}; entry k of both must name the same token."
             )
+        for side, index, vocab_size in (
+            ("student", self.student_index, student_vocab_size),
+            ("teacher", self.teacher_index, teacher_vocab_size),
+        ):
+            if index.numel() and not 0 <= int(index.min()) <= int(index.max()) < vocab_size:
+                raise ValueError(
+                    f"{side}_index holds ids {int(index.min())}..{int(index.max())}, but the "
+                    f"{side} vocabulary has {vocab_size} tokens (ids 0..{vocab_size - 1}); "
+                    f"pass {side}_vocab_size=len({side} tokenizer) (or the lm_head's rows) and "
+                    "ids of that vocabulary."
+                )
         self.student_vocab_size = student_vocab_size
         self.teacher_vocab_size = teacher_vocab_size
         self.tokens = tokens
