@@ -1369,6 +1369,7 @@ def topk_at_temperature(
     given ``m`` (``x^(1/T)`` is concave), so the kept probabilities are slightly
     under-estimated and the tail over-estimated; for ``T < 1`` the reverse.
     """
+    temperature = check_temperature(temperature)
     if temperature == 1.0:
         return values, log_tail
     values = _upcast(values) / temperature

@@ -161,6 +161,12 @@ class DistillationHooks:
                 "on_train_begin() attaches; call distiller.on_train_begin() before the loop."
             )
         self._check_idle()
+        if not isinstance(student_loss, Tensor):
+            raise TypeError(
+                f"on_after_compute_loss: student_loss must be your loop's loss tensor, got "
+                f"{type(student_loss).__name__}; pass e.g. F.cross_entropy(out, y), or "
+                "torch.zeros(()) when the distillation terms are the whole loss."
+            )
         features = self._persistent_capture.features if self._persistent_capture else {}
         for address in self._output_fields:
             features[address.text] = address.read_output(student_output)

@@ -107,11 +107,23 @@ def _require_target(loss: nn.Module, target: Tensor | None, call: str) -> Tensor
 
 
 def _label_mask(
-    loss: nn.Module, ignore_index: int | None, mask: Tensor | None, target: Tensor | None
+    loss: nn.Module,
+    ignore_index: int | None,
+    mask: Tensor | None,
+    target: Tensor | None,
+    tokens: tuple[int, ...],
 ) -> Tensor | None:
-    """``mask`` and ``target != ignore_index`` combined; labels without ``ignore_index`` raise."""
+    """``mask`` and ``target != ignore_index`` combined; labels without ``ignore_index``, or not
+    one per token (``tokens``: the logits' or hidden states' shape without the last dim), raise."""
     if target is None:
         return mask
+    if target.shape != tokens:
+        raise ValueError(
+            f"{type(loss).__name__}: target (the labels) has shape {tuple(target.shape)} but "
+            f"the tokens are {tuple(tokens)}; pass one label per token, shaped like the logits "
+            "without the class dimension (a causal LM's labels shifted once, as "
+            "kdkit.data.text yields them)."
+        )
     if ignore_index is None:
         raise ValueError(
             f"{type(loss).__name__} got target but ignore_index is None, so the labels "
@@ -177,7 +189,7 @@ class _TokenLogitLoss(DistillationLoss):
         mask: Tensor | None = None,
         num_items_in_batch: Count = None,
     ) -> Tensor:
-        mask = self._mask(mask, target)
+        mask = _label_mask(self, self.ignore_index, mask, target, student.shape[:-1])
         if self.chunk_size is not None and student.dim() == 3 and not teacher.requires_grad:
             check_logits(student, teacher)
             keep = None if mask is None else check_mask(mask, student.shape[:-1], student.device)
@@ -191,9 +203,6 @@ class _TokenLogitLoss(DistillationLoss):
             mask,
             **_options(self, num_items_in_batch),
         )
-
-    def _mask(self, mask: Tensor | None, target: Tensor | None) -> Tensor | None:
-        return _label_mask(self, self.ignore_index, mask, target)
 
 
 class _KLFamilyLoss(_TokenLogitLoss):
@@ -418,7 +427,7 @@ class FusedLinearJSDLoss(DistillationLoss):
                 "loss(student_input, student_weight, teacher_input, teacher_weight, labels), or "
                 "through the Distiller distiller(inputs, labels)"
             )
-        mask = _label_mask(self, self.ignore_index, mask, labels)
+        mask = _label_mask(self, self.ignore_index, mask, labels, tokens)
         keep = None if mask is None else check_mask(mask, tokens, student_input.device).reshape(-1)
         if self.reduction == "sum":
             denominator: float | Tensor = 1.0

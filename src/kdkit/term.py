@@ -493,8 +493,10 @@ def build_adapters(
         )
     for b in wanted:
         term = b.term
-        s_shapes = probe_shapes(student, term.student_paths, example_input)
-        t_shapes = probe_shapes(teachers[term.teacher_index], term.teacher_paths, example_input)
+        s_shapes = _probe(student, term.student_paths, example_input, "student")
+        t_shapes = _probe(
+            teachers[term.teacher_index], term.teacher_paths, example_input, "teacher"
+        )
         for sp, tp, key in b.layers:
             adapters[key] = build_adapter(
                 term.adapter,
@@ -580,6 +582,18 @@ def _head_inputs(name: str, term: Term) -> list[tuple[str, str]]:
             "sizes may differ), so it takes no adapter: drop it."
         )
     return [(student, teacher)]
+
+
+def _probe(model: nn.Module, paths: list[str], example_input: Any, side: str) -> dict[str, Any]:
+    """:func:`probe_shapes`, with a forward that fails on ``example_input`` named as such."""
+    try:
+        return probe_shapes(model, paths, example_input)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"the {side} failed on example_input (used once to size the adapters): {e}; pass "
+            "one batch exactly as the Distiller will get it (a tensor, a tuple or a dict of "
+            "the model's inputs)."
+        ) from e
 
 
 def _fits(mask: Tensor, student: Any) -> bool:
