@@ -95,6 +95,13 @@ def test_atomic_dir_replaces_a_whole_directory_or_nothing(tmp_path: Path) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temporary or old directory left
 
 
+def _directory(path: Path, files: dict[str, str]) -> Path:
+    path.mkdir()
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
 def _tree(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): p.read_text() for p in path.rglob("*") if p.is_file()}
 
@@ -105,11 +112,8 @@ def test_replace_dir_swaps_a_directory_in_and_leaves_nothing_beside_it(
 ):
     if not exchange:
         monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
-    target, new = tmp_path / "cache", tmp_path / ".cache.new"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
-    new.mkdir()
-    (new / "meta.json").write_text("new")
+    target = _directory(tmp_path / "cache", {"old.txt": "old"})
+    new = _directory(tmp_path / ".cache.new", {"meta.json": "new"})
     atomic.replace_dir(new, target)
     assert _tree(target) == {"meta.json": "new"}
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
@@ -119,11 +123,8 @@ def test_replace_dir_puts_the_old_directory_back_when_the_new_one_cannot_go_in(
     tmp_path, monkeypatch
 ):
     monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
-    target, new = tmp_path / "hf", tmp_path / ".hf.new"
-    target.mkdir()
-    (target / "config.json").write_text("v1")
-    new.mkdir()
-    (new / "config.json").write_text("v2")
+    target = _directory(tmp_path / "hf", {"config.json": "v1"})
+    new = _directory(tmp_path / ".hf.new", {"config.json": "v2"})
     real_replace = os.replace
 
     def interrupted(src, dst):
