@@ -50,3 +50,20 @@ def test_cached_tokens_refuse_a_temperature_that_is_not_positive(temperature):
     tokens = TopKTokens(values, indices, log_tail, torch.tensor([3]), 5)
     with pytest.raises(ValueError, match="temperature"):
         tokens.at_temperature(temperature)
+
+
+def test_generation_past_the_models_positions_or_of_no_prompts_is_named():
+    transformers = pytest.importorskip("transformers")
+    from kdkit.generation import generate
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=8, vocab_size=20, n_positions=16, bos_token_id=1, eos_token_id=2
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(
+        ValueError, match=r"prompts of 12 tokens \+ max_new_tokens=8 .* 16 positions"
+    ):
+        generate(model, torch.randint(3, 20, (2, 12)), max_new_tokens=8, pad_token_id=0)
+    with pytest.raises(ValueError, match=r"prompt_ids must be \[B, P\] with B >= 1, got \(0, 4\)"):
+        generate(model, torch.zeros(0, 4, dtype=torch.long), max_new_tokens=2, pad_token_id=0)

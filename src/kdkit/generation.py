@@ -112,8 +112,10 @@ def generate(
     padding.
     """
     _check_positive("generate", "max_new_tokens", max_new_tokens)
-    if prompt_ids.dim() != 2:
-        raise ValueError(f"generate: prompt_ids must be [B, P], got {tuple(prompt_ids.shape)}")
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] == 0:
+        raise ValueError(
+            f"generate: prompt_ids must be [B, P] with B >= 1, got {tuple(prompt_ids.shape)}"
+        )
     mask = torch.ones_like(prompt_ids) if prompt_mask is None else prompt_mask.long()
     if mask.shape != prompt_ids.shape or bool((mask.sum(1) == 0).any()):
         raise ValueError(
@@ -139,6 +141,14 @@ def generate(
                 eos_token_id=sorted(eos) or None,
                 **generate_kwargs,
             )
+    except IndexError as e:  # an embedding lookup past the model's positions or vocabulary
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", "?")
+        raise ValueError(
+            f"generate: the model failed to embed a token ({e}); prompts of "
+            f"{prompt_ids.shape[1]} tokens + max_new_tokens={max_new_tokens} may exceed its "
+            f"{context} positions (shorten the prompts or lower max_new_tokens), or a token id "
+            f"(pad_token_id={pad_token_id}?) is past its vocabulary."
+        ) from e
     finally:
         for module, training in modes:
             module.training = training
