@@ -758,6 +758,8 @@ def dist(
     if keep is not None:
         # Indexing before the softmax: dropped rows get an exact zero gradient, NaN or not.
         student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]
+    if student_logits.numel() == 0:  # nothing kept: 0, not the NaN of an empty correlation
+        return student_logits.sum()
     num_classes = student_logits.shape[-1]
     y_s = log_softmax(student_logits, temperature).exp().reshape(-1, num_classes)
     y_t = log_softmax(teacher_logits, temperature).exp().reshape(-1, num_classes)
@@ -927,6 +929,8 @@ def pkt(student_features: Tensor, teacher_features: Tensor, eps: float = 1e-7) -
     (mean over all ``B * B`` entries). Student and teacher dims may differ.
     """
     s, t = _flat_batch(student_features, teacher_features, "pkt")
+    if s.shape[0] == 0:  # an empty batch: 0, not the NaN of an empty mean
+        return s.sum()
 
     def conditional(x: Tensor) -> Tensor:
         x = x / (x.norm(dim=1, keepdim=True) + eps)
@@ -965,6 +969,8 @@ def rkd(
         distance_weight = check_weight("distance_weight", distance_weight)
         angle_weight = check_weight("angle_weight", angle_weight)
     s, t = _flat_batch(student_embeddings, teacher_embeddings, "rkd")
+    if s.shape[0] == 0:  # an empty batch: 0, not the NaN of an empty mean
+        return s.sum()
     t = t.detach()  # the teacher's relations are targets, as in the reference implementation
 
     def distances(x: Tensor) -> Tensor:
