@@ -622,10 +622,11 @@ def test_a_label_past_the_last_class_names_the_class_count(call):
         lambda s: L.DISTLoss()(s, torch.randn(2, 3, 5), mask=torch.zeros(2, 3, dtype=torch.bool)),
         lambda s: L.PKTLoss()(s[:0, 0], torch.randn(0, 5)),
         lambda s: L.RKDLoss()(s[:0, 0], torch.randn(0, 5)),
+        lambda s: L.CosineHiddenStatesLoss()(s[:0], torch.randn(0, 3, 5)),
     ],
-    ids=["dist_all_masked", "pkt_empty", "rkd_empty"],
+    ids=["dist_all_masked", "pkt_empty", "rkd_empty", "cosine_empty"],
 )
-def test_batch_relational_losses_give_zero_when_nothing_is_kept(call):
+def test_losses_give_zero_when_nothing_is_kept(call):
     s = torch.randn(2, 3, 5, requires_grad=True)
     value = call(s)
     assert value.item() == 0.0

@@ -270,7 +270,8 @@ def _token_keep(states: Tensor, mask: Tensor, where: str) -> Tensor:
 
 def _per_sample(values: Tensor) -> Tensor:
     """Mean over every dim but the batch dim: ``[B, ...] -> [B]``."""
-    return values.reshape(values.shape[0], -1).mean(dim=1)
+    # the explicit width, not -1: an empty batch [0, ...] cannot infer it
+    return values.reshape(values.shape[0], math.prod(values.shape[1:])).mean(dim=1)
 
 
 def _average(values: list[Tensor]) -> Tensor:
