@@ -1356,7 +1356,12 @@ def patient_kd(
 
 
 def topk_at_temperature(
-    values: Tensor, log_tail: Tensor, vocab_size: int, temperature: float
+    values: Tensor,
+    log_tail: Tensor,
+    vocab_size: int,
+    temperature: float,
+    *,
+    validate_args: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Re-temperature a top-k distribution stored at ``T = 1``: ``(values_T, log_tail_T)``.
 
@@ -1376,7 +1381,8 @@ def topk_at_temperature(
     given ``m`` (``x^(1/T)`` is concave), so the kept probabilities are slightly
     under-estimated and the tail over-estimated; for ``T < 1`` the reverse.
     """
-    temperature = check_temperature(temperature)
+    if validate_args:
+        temperature = check_temperature(temperature)
     if temperature == 1.0:
         return values, log_tail
     values = _upcast(values) / temperature
@@ -1454,7 +1460,7 @@ def sparse_kl_div(
     vocab, k = student_logits.shape[-1], values.shape[-1]
     kept_log_tail = _drop(_upcast(log_tail).unsqueeze(-1), keep)[..., 0]
     log_p, log_m_t = topk_at_temperature(
-        _drop(_upcast(values), keep), kept_log_tail, vocab, temperature
+        _drop(_upcast(values), keep), kept_log_tail, vocab, temperature, validate_args=False
     )
     index = _drop(indices, keep).long()
     log_q = log_softmax(_drop(student_logits, keep), temperature)
