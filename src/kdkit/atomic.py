@@ -40,7 +40,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     # Same directory, so os.replace is a rename on one filesystem (atomic on POSIX and Windows).
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _sibling(final, "tmp")
     try:
         yield tmp
         if not tmp.exists():
@@ -86,7 +86,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _sibling(final, "tmp")
     tmp.mkdir()
     try:
         yield tmp
@@ -108,14 +108,11 @@ def atomic_files(directory: str | os.PathLike[str]) -> Iterator[Path]:
     """
     final = Path(directory)
     final.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _sibling(final, "tmp")
     tmp.mkdir()
     try:
         yield tmp
-        files = [f for f in tmp.rglob("*") if f.is_file()]
-        for file in files:
-            _fsync(file)
-        for file in files:
+        for file in _fsync_files(tmp):
             target = final / file.relative_to(tmp)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(file, target)
@@ -134,15 +131,13 @@ def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
     lies beside it as ``.<name>.<tag>.old``).
     """
     src, dst = Path(src), Path(dst)
-    for file in src.rglob("*"):
-        if file.is_file():
-            _fsync(file)
+    _fsync_files(src)
     if not dst.exists():
         os.replace(src, dst)
     elif _exchange(src, dst):
         shutil.rmtree(src)  # src now holds the old directory
     else:
-        old = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.old")
+        old = _sibling(dst, "old")
         os.replace(dst, old)
         try:
             os.replace(src, dst)
@@ -152,9 +147,22 @@ def replace_dir(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Non
         shutil.rmtree(old)
 
 
+def _sibling(path: Path, kind: str) -> Path:
+    """A hidden name beside ``path`` no other writer picks: ``.<name>.<random>.<kind>``."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{kind}")
+
+
 def _fsync(file: Path) -> None:
     with open(file, "rb") as f:
         os.fsync(f.fileno())
+
+
+def _fsync_files(directory: Path) -> list[Path]:
+    """Flush every file under ``directory`` to disk; returns them."""
+    files = [file for file in directory.rglob("*") if file.is_file()]
+    for file in files:
+        _fsync(file)
+    return files
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
